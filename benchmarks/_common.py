@@ -1,0 +1,112 @@
+"""Shared benchmark plumbing: devices, jagged inputs, timing, memory, environment, output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+def random_lengths(batch_size: int, max_len: int, distribution: str, generator: torch.Generator) -> torch.Tensor:
+    """Row lengths in [1, max_len]: "unif" (uniform, ~50% fill) or "skew" (exponential with
+    mean max_len/5, ~20% fill), as in the shared peer baselines."""
+    if distribution == "unif":
+        lengths = torch.randint(1, max_len + 1, (batch_size,), generator=generator)
+    elif distribution == "skew":
+        lengths = torch.empty(batch_size).exponential_(5.0 / max_len, generator=generator).long() + 1
+    else:
+        raise ValueError(f"distribution must be 'unif' or 'skew', got {distribution!r}")
+    return lengths.clamp_(1, max_len)
+
+
+def jagged_inputs(batch_size, max_len, feature_dim, dtype, distribution, seed=0):
+    """values [T, D] (standard normal, never zeros), offsets [B+1] int64, T, max_len."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = random_lengths(batch_size, max_len, distribution, generator)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(DEVICE)
+    total_len = int(lengths.sum())
+    values = torch.randn(total_len, feature_dim, generator=generator).to(DEVICE, dtype)
+    return values, offsets, total_len, int(lengths.max())
+
+
+def bench(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of fn() in milliseconds: triton.testing.do_bench on the GPU (CUDA events,
+    cache flushed between runs), a host clock on the CPU."""
+    if ON_GPU:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def peak_memory_mib(fn) -> float | None:
+    """Peak GPU memory allocated during fn(), above what was allocated before, in MiB."""
+    if not ON_GPU:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def environment() -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "device": torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "commit": commit or "unknown",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1",
+    }
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def save(rows: list[dict], name: str, out_dir: str | os.PathLike) -> Path:
+    """Write rows with the environment to OUT/<name>.json and append them to OUT/<name>.jsonl."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    (out / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    with open(out / f"{name}.jsonl", "a") as f:
+        for row in rows:
+            f.write(json.dumps({**env, **row}) + "\n")
+    return out / f"{name}.json"

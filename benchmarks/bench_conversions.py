@@ -1,0 +1,122 @@
+"""Benchmark jagged <-> padded dense conversions against what a user would otherwise run.
+
+Methods, on the same jagged inputs:
+- jagged: this library's Triton kernels;
+- aten: PyTorch's own kernels, torch.ops.aten._jagged_to_padded_dense_forward /
+  _padded_dense_to_jagged_forward (the strongest shipped peer);
+- padded: plain PyTorch with a length mask (``dense[mask] = values`` / ``dense[mask]``).
+
+GB/s counts bytes read + written once: jagged->padded reads T*D and writes B*L*D elements;
+padded->jagged reads and writes T*D.
+
+    python benchmarks/bench_conversions.py [--quick] [--out results]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import jagged
+from _common import DEVICE, ON_GPU, bench, jagged_inputs, peak_memory_mib, print_table, save
+
+GPU_CASES = [(1024, 512, 128), (256, 1024, 256)]
+CPU_CASES = [(8, 32, 16)]
+
+
+def length_mask(offsets, max_len):
+    return torch.arange(max_len, device=offsets.device)[None, :] < offsets.diff()[:, None]
+
+
+def padded_to_dense(values, offsets, max_len):
+    dense = values.new_zeros(offsets.numel() - 1, max_len, values.shape[1])
+    return dense.index_put((length_mask(offsets, max_len),), values)
+
+
+def padded_to_jagged(dense, offsets, total_len):
+    return dense[length_mask(offsets, dense.shape[1])]
+
+
+def aten_to_dense(values, offsets, max_len):
+    return torch.ops.aten._jagged_to_padded_dense_forward(values, [offsets], [max_len], 0.0)
+
+
+def aten_to_jagged(dense, offsets, total_len):
+    return torch.ops.aten._padded_dense_to_jagged_forward(dense, [offsets], total_len)
+
+
+TO_DENSE = {"jagged": jagged.jagged_to_padded_dense, "aten": aten_to_dense, "padded": padded_to_dense}
+TO_JAGGED = {"jagged": jagged.dense_to_jagged, "aten": aten_to_jagged, "padded": padded_to_jagged}
+
+
+def measure(fn, inputs, bytes_moved):
+    """Forward time, GB/s, forward+backward time (None where the method has no backward)."""
+    forward_ms = bench(lambda: fn(*inputs))
+    leaf = inputs[0].detach().requires_grad_(True)
+    fb_ms = None
+    try:
+        out = fn(leaf, *inputs[1:])
+        grad = torch.randn_like(out)
+        fb_ms = bench(lambda: torch.autograd.grad(fn(leaf, *inputs[1:]), leaf, grad))
+    except (RuntimeError, NotImplementedError):
+        pass  # aten's conversions have no autograd formula in some releases
+    return {
+        "fwd_ms": forward_ms,
+        "fwd_GBps": bytes_moved / forward_ms / 1e6,
+        "fwd_bwd_ms": fb_ms,
+        "peak_MiB": peak_memory_mib(lambda: fn(*inputs)),
+    }
+
+
+def run(quick: bool = False, out_dir: str = "results") -> list[dict]:
+    cases = CPU_CASES if not ON_GPU else GPU_CASES[:1] if quick else GPU_CASES
+    dtypes = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
+    rows = []
+    for batch_size, max_len, feature_dim in cases:
+        for dtype in dtypes:
+            for distribution in ("unif", "skew"):
+                values, offsets, total_len, _ = jagged_inputs(batch_size, max_len, feature_dim, dtype, distribution)
+                dense = aten_to_dense(values, offsets, max_len)
+                element = values.element_size()
+                case = {"B": batch_size, "max_L": max_len, "D": feature_dim, "dtype": str(dtype).replace("torch.", ""),
+                        "lengths": distribution, "fill": round(total_len / (batch_size * max_len), 2)}
+                for op, methods, inputs, nbytes in (
+                    ("to_padded", TO_DENSE, (values, offsets, max_len), (total_len + batch_size * max_len) * feature_dim * element),
+                    ("to_jagged", TO_JAGGED, (dense, offsets, total_len), 2 * total_len * feature_dim * element),
+                ):
+                    for method, fn in methods.items():
+                        rows.append({"op": op, **case, "method": method, **measure(fn, inputs, nbytes)})
+    save(rows, "conversions", out_dir)
+    return rows
+
+
+def summarise(rows: list[dict]) -> None:
+    """One line per (op, case): GB/s of each method and the time ratios against ours."""
+    table = []
+    keys = ("op", "B", "max_L", "D", "dtype", "lengths", "fill")
+    for key in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
+        by_method = {r["method"]: r for r in rows if tuple(r[k] for k in keys) == key}
+        ours = by_method["jagged"]
+        line = dict(zip(keys, key))
+        for method, r in by_method.items():
+            line[f"{method} GB/s"] = r["fwd_GBps"]
+        line["aten/ours"] = by_method["aten"]["fwd_ms"] / ours["fwd_ms"]
+        line["padded/ours"] = by_method["padded"]["fwd_ms"] / ours["fwd_ms"]
+        if ours["fwd_bwd_ms"] and by_method["padded"]["fwd_bwd_ms"]:
+            line["f+b padded/ours"] = by_method["padded"]["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+        table.append(line)
+    print_table(table, list(table[0].keys()))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--out", default="results", help="folder for JSON results")
+    args = parser.parse_args(argv)
+    print(f"jagged conversions on {DEVICE.type.upper()}" + ("" if ON_GPU else " (no GPU: toy sizes, reference path)"))
+    summarise(run(args.quick, args.out))
+
+
+if __name__ == "__main__":
+    main()

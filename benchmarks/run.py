@@ -1,0 +1,37 @@
+"""The main benchmark: every op's benchmark, one after another, each printing its table and
+saving JSON under --out. On a machine without a GPU it runs toy sizes and says so.
+
+    python benchmarks/run.py [--quick] [--out results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_conversions  # noqa: E402
+from _common import ON_GPU, environment  # noqa: E402
+
+BENCHMARKS = {"conversions": bench_conversions}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--out", default="results", help="folder for JSON results")
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only these")
+    args = parser.parse_args(argv)
+    env = environment()
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    if not ON_GPU:
+        print("No GPU found: running toy sizes on the CPU (timings say nothing about GPU speed).")
+    for name in args.only or BENCHMARKS:
+        print(f"\n== {name} ==")
+        BENCHMARKS[name].main((["--quick"] if args.quick else []) + ["--out", args.out])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""jagged: Triton GPU kernels for jagged (variable-length) tensors.
+
+Public API:
+
+- :class:`JaggedTensor` and :func:`lengths_to_offsets`
+- conversions: :func:`jagged_to_padded_dense`, :func:`dense_to_jagged`
+- :mod:`jagged.reference`: plain-PyTorch reference implementations of every op
+"""
+
+from . import reference
+from .ops.conversions import dense_to_jagged, jagged_to_padded_dense
+from .tensor import JaggedTensor, lengths_to_offsets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "JaggedTensor",
+    "dense_to_jagged",
+    "jagged_to_padded_dense",
+    "lengths_to_offsets",
+    "reference",
+]

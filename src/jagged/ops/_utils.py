@@ -1,0 +1,129 @@
+"""Helpers shared by every op: backend choice, input validation, launch arithmetic.
+
+Validation here is cheap (shape, dtype, device: no device synchronisation). The one
+synchronising check, :func:`check_offsets_content`, is called only where the caller asked for it
+(``JaggedTensor(..., validate=True)``, the default there).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+
+import torch
+
+# Triton decides at ``@triton.jit`` time whether kernels run in its CPU interpreter, from this
+# variable; reading it at import time (when our kernels are decorated) gives the same answer.
+TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+OFFSET_DTYPES = (torch.int32, torch.int64)
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True where the Triton kernel runs: CUDA tensors, or any tensor under the interpreter."""
+    return tensor.is_cuda or TRITON_INTERPRETER
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def binary_search_steps(batch_size: int) -> int:
+    """Halvings needed to find a token's row among ``batch_size`` rows."""
+    return 0 if batch_size <= 1 else math.ceil(math.log2(batch_size))
+
+
+def check_tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_offsets(offsets, *, name: str = "offsets", device: torch.device | None = None) -> None:
+    """Cheap checks on an offsets tensor: 1-D, int32/int64, non-empty, on ``device``."""
+    check_tensor(offsets, name)
+    if offsets.dim() != 1:
+        raise ValueError(f"{name} must be 1-D with B+1 entries, got shape {tuple(offsets.shape)}")
+    if offsets.dtype not in OFFSET_DTYPES:
+        raise ValueError(f"{name} must have dtype int32 or int64, got {offsets.dtype}")
+    if offsets.numel() == 0:
+        raise ValueError(f"{name} must have at least one entry (offsets[0] == 0), got an empty tensor")
+    if device is not None and offsets.device != device:
+        raise ValueError(
+            f"{name} must be on the same device as the values ({device}), got {offsets.device}"
+        )
+
+
+def check_offsets_content(
+    offsets: torch.Tensor, total_len: int, *, name: str = "offsets", max_len: int | None = None
+) -> int:
+    """Full check of the offsets' values (one device synchronisation). Returns the longest row.
+
+    Raises ValueError unless ``offsets[0] == 0``, offsets are non-decreasing, ``offsets[-1] ==
+    total_len`` and (if given) ``max_len`` is at least the longest row.
+    """
+    lengths = offsets.diff()
+    longest = lengths.max() if lengths.numel() else offsets.new_zeros(())
+    first, last, longest_value, any_decrease = torch.stack(
+        [offsets[0].long(), offsets[-1].long(), longest.long(), (lengths < 0).any().long()]
+    ).tolist()
+    if first != 0:
+        raise ValueError(f"{name}[0] must be 0, got {first}")
+    if any_decrease:
+        i = int((lengths < 0).nonzero()[0, 0])
+        raise ValueError(
+            f"{name} must be non-decreasing, but {name}[{i}]={int(offsets[i])} > "
+            f"{name}[{i + 1}]={int(offsets[i + 1])}"
+        )
+    if last != total_len:
+        raise ValueError(
+            f"{name}[-1] must equal the number of values T={total_len}, got {last}"
+        )
+    if max_len is not None and max_len < longest_value:
+        raise ValueError(
+            f"max_len={max_len} is smaller than the longest row ({longest_value}); pass the true "
+            "maximum or an upper bound"
+        )
+    return int(longest_value)
+
+
+def check_max_len(max_len, name: str = "max_len") -> int:
+    """A non-negative Python int (numpy and Sym ints too). A tensor is refused: reading it would
+    hide a device synchronisation."""
+    if isinstance(max_len, torch.Tensor):
+        raise TypeError(f"{name} must be a Python int, got a tensor (call .item() yourself if a sync is fine)")
+    if isinstance(max_len, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        max_len = operator.index(max_len)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(max_len).__name__} {max_len!r}") from None
+    if max_len < 0:
+        raise ValueError(f"{name} must be >= 0, got {max_len}")
+    return max_len
+
+
+def flatten_features(x: torch.Tensor, leading: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """View ``x`` as ``[*x.shape[:leading], D]`` with D the product of the trailing dims.
+
+    Returns the flattened tensor and the trailing shape, to restore it after the kernel. Copies
+    only when the trailing dims cannot be merged into one strided dim.
+    """
+    lead_shape = tuple(x.shape[:leading])
+    feature_shape = tuple(x.shape[leading:])
+    return x.reshape(*lead_shape, math.prod(feature_shape)), feature_shape
+
+
+def memory_tile(feature_dim: int, element_size: int, tile_bytes: int = 16384) -> tuple[int, int]:
+    """Block sizes (rows, features) for a memory-bound copy of ``[*, feature_dim]`` rows.
+
+    The feature block covers the whole row up to 256 elements (so one program moves whole,
+    contiguous rows), and the row block brings a tile to about ``tile_bytes``.
+    """
+    block_d = min(next_power_of_2(feature_dim), 256)
+    block_rows = max(1, min(256, tile_bytes // (block_d * element_size)))
+    return next_power_of_2(block_rows), block_d

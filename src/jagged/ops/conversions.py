@@ -1,0 +1,248 @@
+"""Jagged <-> padded dense conversions: Triton kernels, launchers, autograd and public functions.
+
+``jagged_to_padded_dense`` and ``dense_to_jagged`` are each other's gradient. Trailing feature
+dims are flattened to one dim D for the kernels and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._utils import (
+    binary_search_steps,
+    cdiv,
+    check_max_len,
+    check_offsets,
+    check_tensor,
+    flatten_features,
+    memory_tile,
+    use_triton,
+)
+
+
+@triton.jit(do_not_specialize=["total_len", "max_len", "num_pos_blocks"])
+def _jagged_to_padded_dense_kernel(
+    values_ptr, offsets_ptr, dense_ptr,
+    total_len, max_len, feature_dim, num_pos_blocks, padding_value,
+    stride_vt, stride_vd, stride_db, stride_dl, stride_dd,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (row, block of dense positions, block of features): every dense element
+    # is written exactly once, so the grid covers the dense output.
+    pid = tl.program_id(0)
+    row = (pid // num_pos_blocks).to(tl.int64)
+    pos = (pid % num_pos_blocks).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    begin = tl.load(offsets_ptr + row).to(tl.int64)
+    # Clamped to [0, T] so that bad offsets can never read outside the values.
+    end = tl.minimum(tl.load(offsets_ptr + row + 1).to(tl.int64), total_len)
+    token = begin + pos
+    col_ok = cols < feature_dim
+    in_row = (token < end) & (token >= 0)
+    x = tl.load(
+        values_ptr + token[:, None] * stride_vt + cols[None, :] * stride_vd,
+        mask=in_row[:, None] & col_ok[None, :],
+        other=padding_value,
+    )
+    tl.store(
+        dense_ptr + row * stride_db + pos[:, None] * stride_dl + cols[None, :] * stride_dd,
+        x,
+        mask=(pos < max_len)[:, None] & col_ok[None, :],
+    )
+
+
+@triton.jit(do_not_specialize=["total_len", "batch_size", "dense_len", "search_steps"])
+def _dense_to_jagged_kernel(
+    dense_ptr, offsets_ptr, values_ptr,
+    total_len, batch_size, dense_len, feature_dim, search_steps,
+    stride_db, stride_dl, stride_dd, stride_vt, stride_vd,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per block of jagged tokens: the grid covers real work only, however skewed the
+    # lengths. Each token finds its row by a binary search over the offsets (cached, log2(B)).
+    token = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    token_ok = token < total_len
+    # Invariant: offsets[lo] <= token (for valid offsets) and the row lies in [lo, hi).
+    lo = tl.zeros([BLOCK_T], dtype=tl.int64)
+    hi = tl.zeros([BLOCK_T], dtype=tl.int64) + batch_size
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        go_right = tl.load(offsets_ptr + mid, mask=token_ok, other=0).to(tl.int64) <= token
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    pos = token - tl.load(offsets_ptr + lo, mask=token_ok, other=0).to(tl.int64)
+    col_ok = cols < feature_dim
+    # Positions past the dense tensor's length read as 0 (FBGEMM's convention).
+    inside = token_ok & (pos < dense_len) & (pos >= 0)
+    x = tl.load(
+        dense_ptr + lo[:, None] * stride_db + pos[:, None] * stride_dl + cols[None, :] * stride_dd,
+        mask=inside[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+    tl.store(
+        values_ptr + token[:, None] * stride_vt + cols[None, :] * stride_vd,
+        x,
+        mask=token_ok[:, None] & col_ok[None, :],
+    )
+
+
+def _launch_jagged_to_padded_dense(values2d, offsets, max_len, padding_value):
+    total_len, feature_dim = values2d.shape
+    batch_size = offsets.numel() - 1
+    dense = torch.empty((batch_size, max_len, feature_dim), dtype=values2d.dtype, device=values2d.device)
+    if dense.numel() == 0:
+        return dense
+    block_l, block_d = memory_tile(feature_dim, values2d.element_size())
+    block_l = min(block_l, triton.next_power_of_2(max_len))
+    num_pos_blocks = cdiv(max_len, block_l)
+    grid = (batch_size * num_pos_blocks, cdiv(feature_dim, block_d))
+    _jagged_to_padded_dense_kernel[grid](
+        values2d, offsets, dense,
+        total_len, max_len, feature_dim, num_pos_blocks, padding_value,
+        values2d.stride(0), values2d.stride(1), dense.stride(0), dense.stride(1), dense.stride(2),
+        BLOCK_L=block_l, BLOCK_D=block_d,
+    )
+    return dense
+
+
+def _launch_dense_to_jagged(dense3d, offsets, total_len):
+    batch_size, dense_len, feature_dim = dense3d.shape
+    values = torch.empty((total_len, feature_dim), dtype=dense3d.dtype, device=dense3d.device)
+    if values.numel() == 0:
+        return values
+    if batch_size == 0 or dense_len == 0:
+        return values.zero_()
+    block_t, block_d = memory_tile(feature_dim, dense3d.element_size())
+    grid = (cdiv(total_len, block_t), cdiv(feature_dim, block_d))
+    _dense_to_jagged_kernel[grid](
+        dense3d, offsets, values,
+        total_len, batch_size, dense_len, feature_dim, binary_search_steps(batch_size),
+        dense3d.stride(0), dense3d.stride(1), dense3d.stride(2), values.stride(0), values.stride(1),
+        BLOCK_T=block_t, BLOCK_D=block_d,
+    )
+    return values
+
+
+class _JaggedToPaddedDense(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values2d, offsets, max_len, padding_value):
+        ctx.save_for_backward(offsets)
+        ctx.total_len = values2d.shape[0]
+        return _launch_jagged_to_padded_dense(values2d, offsets, max_len, padding_value)
+
+    @staticmethod
+    def backward(ctx, grad_dense):
+        (offsets,) = ctx.saved_tensors
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_values = _launch_dense_to_jagged(grad_dense, offsets, ctx.total_len)
+        return grad_values, None, None, None
+
+
+class _DenseToJagged(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dense3d, offsets, total_len):
+        ctx.save_for_backward(offsets)
+        ctx.dense_len = dense3d.shape[1]
+        return _launch_dense_to_jagged(dense3d, offsets, total_len)
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        (offsets,) = ctx.saved_tensors
+        grad_dense = None
+        if ctx.needs_input_grad[0]:
+            # Positions beyond a row's length were never read: their gradient is 0.
+            grad_dense = _launch_jagged_to_padded_dense(grad_values, offsets, ctx.dense_len, 0.0)
+        return grad_dense, None, None
+
+
+def jagged_to_padded_dense(
+    values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0
+) -> torch.Tensor:
+    """Pad jagged rows into a dense batch.
+
+    Args:
+        values: ``[T, *F]``, any dtype; all rows concatenated along dim 0.
+        offsets: ``[B+1]`` int32 or int64, on the same device; row ``b`` is
+            ``values[offsets[b]:offsets[b+1]]``. Its contents are not checked here (that would
+            synchronise): build a :class:`jagged.JaggedTensor` to validate them.
+        max_len: length L of the dense rows (a Python int). Rows longer than L are truncated.
+        padding_value: written at positions ``l >= length_b``.
+
+    Returns:
+        ``[B, max_len, *F]`` with ``values``' dtype and device. Differentiable w.r.t. ``values``
+        (the gradient is :func:`dense_to_jagged` of the incoming gradient; truncated positions
+        get 0).
+
+    Raises:
+        TypeError / ValueError for a non-tensor, bad offsets shape/dtype/device, 0-d values or a
+        negative ``max_len``.
+
+    Example::
+
+        >>> values = torch.arange(5.0)[:, None]              # rows [0, 1], [], [2, 3, 4]
+        >>> offsets = torch.tensor([0, 2, 2, 5])
+        >>> jagged_to_padded_dense(values, offsets, max_len=3)[..., 0]
+        tensor([[0., 1., 0.],
+                [0., 0., 0.],
+                [2., 3., 4.]])
+    """
+    check_tensor(values, "values")
+    if values.dim() < 1:
+        raise ValueError(f"values must be at least 1-D [T, *F], got a 0-d tensor")
+    check_offsets(offsets, device=values.device)
+    max_len = check_max_len(max_len)
+    if not use_triton(values):
+        return reference.jagged_to_padded_dense(values, offsets, max_len, padding_value)
+    values2d, feature_shape = flatten_features(values, 1)
+    dense = _JaggedToPaddedDense.apply(values2d, offsets, max_len, float(padding_value))
+    return dense.view(dense.shape[0], max_len, *feature_shape)
+
+
+def dense_to_jagged(
+    dense: torch.Tensor, offsets: torch.Tensor, total_len: int | None = None
+) -> torch.Tensor:
+    """Gather the real positions of a padded dense batch into jagged values.
+
+    Args:
+        dense: ``[B, L, *F]``, any dtype.
+        offsets: ``[B+1]`` int32 or int64, on ``dense``'s device (contents not checked here).
+        total_len: T, the number of jagged values (``offsets[-1]``). Pass it to avoid a device
+            synchronisation; if None it is read from ``offsets``.
+
+    Returns:
+        values ``[T, *F]``. A row longer than L gets 0 at positions ``l >= L`` (as FBGEMM's
+        ``dense_to_jagged``). Differentiable w.r.t. ``dense`` (the gradient is
+        :func:`jagged_to_padded_dense` of the incoming gradient, 0 at padded positions).
+
+    Raises:
+        TypeError / ValueError for a non-tensor, dense with fewer than 2 dims, offsets whose
+        shape, dtype or device do not match ``dense``, or a negative ``total_len``.
+
+    Example::
+
+        >>> dense = torch.arange(6.0).view(2, 3)               # B=2, L=3, no feature dims
+        >>> dense_to_jagged(dense, torch.tensor([0, 1, 4]), total_len=4)
+        tensor([0., 3., 4., 5.])
+    """
+    check_tensor(dense, "dense")
+    if dense.dim() < 2:
+        raise ValueError(f"dense must be at least 2-D [B, L, *F], got shape {tuple(dense.shape)}")
+    check_offsets(offsets, device=dense.device)
+    if offsets.numel() - 1 != dense.shape[0]:
+        raise ValueError(
+            f"offsets must have B+1={dense.shape[0] + 1} entries for dense of batch size "
+            f"B={dense.shape[0]}, got {offsets.numel()}"
+        )
+    if total_len is None:
+        total_len = int(offsets[-1])  # synchronises; documented above
+    total_len = check_max_len(total_len, "total_len")
+    if not use_triton(dense):
+        return reference.dense_to_jagged(dense, offsets, total_len)
+    dense3d, feature_shape = flatten_features(dense, 2)
+    values = _DenseToJagged.apply(dense3d, offsets, total_len)
+    return values.view(total_len, *feature_shape)

@@ -1,0 +1,87 @@
+"""Shared test helpers: devices, dtypes, the tolerance table, one assert, input makers and
+hypothesis strategies for length patterns."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+# bf16 only on the GPU: the Triton interpreter's bf16 tl.dot is wrong (triton 3.6 and 3.9).
+FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+OFFSET_DTYPES = [torch.int32, torch.int64]
+
+# One tolerance per dtype (relative and absolute, for O(1) values), against a higher-precision
+# reference. "tf32" is the matrix units' float32 mode, Triton's default for a float32 tl.dot.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    "tf32": (2e-3, 2e-3),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+# Readable length patterns: empty row, one row, equal rows, long among short, B == 0.
+LENGTH_PATTERNS = {
+    "B=0": [],
+    "[0]": [0],
+    "[1]": [1],
+    "[0,5,0]": [0, 5, 0],
+    "[3,3,3]": [3, 3, 3],
+    "[1,17,2]": [1, 17, 2],
+    "[9,0,0,4,1]": [9, 0, 0, 4, 1],
+}
+
+
+def assert_close(actual, expected, *, tol=None, exact=False, name="output"):
+    """Compare ``actual`` with ``expected`` (cast to float64). ``tol`` is a key of TOLERANCES
+    (default: actual's dtype); ``exact`` demands bit-equality (copies, gathers). On failure,
+    prints the worst positions."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if exact:
+        assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+        same = (actual == expected) | (actual.isnan() & expected.isnan()) if actual.is_floating_point() else actual == expected
+        if not bool(same.all()):
+            bad = (~same).nonzero()[:5].tolist()
+            raise AssertionError(f"{name}: {int((~same).sum())} positions differ, first {bad}: "
+                                 f"{[actual[tuple(i)].item() for i in bad]} vs {[expected[tuple(i)].item() for i in bad]}")
+        return
+    rtol, atol = TOLERANCES[tol if tol is not None else actual.dtype]
+    a, e = actual.double(), expected.double()
+    assert not a.isnan().any() or a.isnan().eq(e.isnan()).all(), f"{name}: NaN where the reference has none"
+    err = (a - e).abs() - (atol + rtol * e.abs())
+    if bool((err > 0).any()):
+        worst = err.flatten().topk(min(5, err.numel())).indices
+        idx = [list(torch.unravel_index(i, err.shape)) for i in worst]
+        rows = [f"  at {[int(j) for j in i]}: {a[tuple(i)].item():.6g} vs {e[tuple(i)].item():.6g}" for i in idx]
+        raise AssertionError(f"{name}: {int((err > 0).sum())}/{err.numel()} positions outside "
+                             f"rtol={rtol}, atol={atol}; worst:\n" + "\n".join(rows))
+
+
+def random_values(shape, dtype, device=DEVICE, requires_grad=False):
+    """Standard-normal values (never zeros), made in float32 then cast."""
+    x = torch.randn(shape, device=device).to(dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def make_offsets(lengths, dtype=torch.int64, device=DEVICE):
+    return torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0).to(dtype=dtype, device=device)
+
+
+@st.composite
+def lengths_strategy(draw, max_batch=6, max_len=12):
+    """Length vectors: random (zeros included), all equal, one row, very skewed, all empty."""
+    kind = draw(st.sampled_from(["random", "equal", "one", "skewed", "empty"]))
+    if kind == "one":
+        return [draw(st.integers(0, max_len))]
+    batch = draw(st.integers(0, max_batch))
+    if kind == "random":
+        return draw(st.lists(st.integers(0, max_len), min_size=batch, max_size=batch))
+    if kind == "equal":
+        return [draw(st.integers(1, max_len))] * batch
+    if kind == "empty":
+        return [0] * batch
+    short = draw(st.lists(st.integers(0, 2), min_size=batch, max_size=batch))
+    return short + [max_len]
