@@ -76,6 +76,8 @@ def environment() -> dict:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    # The device machine gets the tree without .git: the caller passes the commit in.
+    commit = commit or os.environ.get("JAGGED_COMMIT", "")
     return {
         "device": torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
