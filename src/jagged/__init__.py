@@ -4,10 +4,13 @@ Public API:
 
 - :class:`JaggedTensor` and :func:`lengths_to_offsets`
 - conversions: :func:`jagged_to_padded_dense`, :func:`dense_to_jagged`
+- attention: :func:`jagged_flash_attention`, :func:`jagged_flash_attention_values`,
+  :class:`jagged.nn.JaggedMultiheadAttention`
 - :mod:`jagged.reference`: plain-PyTorch reference implementations of every op
 """
 
-from . import reference
+from . import nn, reference
+from .ops.attention import jagged_flash_attention, jagged_flash_attention_values
 from .ops.conversions import dense_to_jagged, jagged_to_padded_dense
 from .tensor import JaggedTensor, lengths_to_offsets
 
@@ -16,7 +19,10 @@ __version__ = "0.1.0"
 __all__ = [
     "JaggedTensor",
     "dense_to_jagged",
+    "jagged_flash_attention",
+    "jagged_flash_attention_values",
     "jagged_to_padded_dense",
     "lengths_to_offsets",
+    "nn",
     "reference",
 ]

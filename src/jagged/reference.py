@@ -44,3 +44,41 @@ def dense_to_jagged(dense: torch.Tensor, offsets: torch.Tensor, total_len: int |
     inside = positions < dense.shape[1]
     values = dense.new_zeros((total_len, *dense.shape[2:]))
     return values.index_put((inside.nonzero()[:, 0],), dense[rows[inside], positions[inside]])
+
+
+def jagged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    k_offsets: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Padded, masked softmax attention per row: q ``[T_q, H, D]``, k ``[T_k, H, D]``, v
+    ``[T_k, H, D_v]`` -> ``[T_q, H, D_v]`` in q's dtype, computed in ``compute_dtype``.
+
+    Causal: query i sees key j iff ``j <= i + (L_k - L_q)``. A query that sees no key gets 0.
+    This is also the "dense attention" a user would write on padded inputs.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    max_q = int(q_offsets.diff().max()) if q_offsets.numel() > 1 else 0
+    max_k = int(k_offsets.diff().max()) if k_offsets.numel() > 1 else 0
+    qd = jagged_to_padded_dense(q.to(compute_dtype), q_offsets, max_q).transpose(1, 2)  # [B, H, Lq, D]
+    kd = jagged_to_padded_dense(k.to(compute_dtype), k_offsets, max_k).transpose(1, 2)
+    vd = jagged_to_padded_dense(v.to(compute_dtype), k_offsets, max_k).transpose(1, 2)
+    q_len = q_offsets.diff().long()[:, None, None]
+    k_len = k_offsets.diff().long()[:, None, None]
+    i = torch.arange(max_q, device=q.device)[None, :, None]
+    j = torch.arange(max_k, device=q.device)[None, None, :]
+    visible = (j < k_len) & (i < q_len)  # [B, Lq, Lk]
+    if causal:
+        visible = visible & (j <= i + (k_len - q_len))
+    scores = (qd @ kd.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    # A row with no visible key: softmax of all -inf is NaN; such queries output 0.
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = (probs @ vd).transpose(1, 2)  # [B, Lq, H, Dv]
+    return dense_to_jagged(out, q_offsets, q.shape[0]).to(q.dtype)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._search import find_row
 from ._utils import (
     binary_search_steps,
     cdiv,
@@ -66,20 +67,13 @@ def _dense_to_jagged_kernel(
     token = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     token_ok = token < total_len
-    # Invariant: offsets[lo] <= token (for valid offsets) and the row lies in [lo, hi).
-    lo = tl.zeros([BLOCK_T], dtype=tl.int64)
-    hi = tl.zeros([BLOCK_T], dtype=tl.int64) + batch_size
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        go_right = tl.load(offsets_ptr + mid, mask=token_ok, other=0).to(tl.int64) <= token
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid)
-    pos = token - tl.load(offsets_ptr + lo, mask=token_ok, other=0).to(tl.int64)
+    row = find_row(offsets_ptr, token, batch_size, search_steps, 0)
+    pos = token - tl.load(offsets_ptr + row).to(tl.int64)
     col_ok = cols < feature_dim
     # Positions past the dense tensor's length read as 0 (FBGEMM's convention).
     inside = token_ok & (pos < dense_len) & (pos >= 0)
     x = tl.load(
-        dense_ptr + lo[:, None] * stride_db + pos[:, None] * stride_dl + cols[None, :] * stride_dd,
+        dense_ptr + row[:, None] * stride_db + pos[:, None] * stride_dl + cols[None, :] * stride_dd,
         mask=inside[:, None] & col_ok[None, :],
         other=0.0,
     )

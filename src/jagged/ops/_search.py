@@ -1,0 +1,28 @@
+"""Triton helper shared by kernels: find the jagged row of a token or of a work slot."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def find_row(offsets_ptr, target, batch_size, search_steps, SLOT_BLOCK: tl.constexpr):
+    """Row b in [0, B) with key(b) <= target < key(b+1), by ``search_steps`` = ceil(log2 B)
+    halvings (a scalar or a vector of int64 targets).
+
+    SLOT_BLOCK == 0: key(b) = offsets[b], so ``target`` is a token index.
+    SLOT_BLOCK > 0: key(b) = offsets[b] // SLOT_BLOCK + b, so ``target`` is a work slot. Row b owns
+    ``offsets[b+1] // SLOT_BLOCK - offsets[b] // SLOT_BLOCK + 1 >= cdiv(length_b, SLOT_BLOCK)``
+    slots, enough for its blocks, and the grid needs ``B + T // SLOT_BLOCK`` slots in all: a grid
+    over real work, known on the host without a device synchronisation.
+    """
+    lo = target * 0
+    hi = lo + batch_size
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        key = tl.load(offsets_ptr + mid).to(tl.int64)
+        if SLOT_BLOCK > 0:
+            key = key // SLOT_BLOCK + mid
+        go_right = key <= target
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo

@@ -1,0 +1,377 @@
+"""Jagged flash attention: Triton forward + backward kernels, launchers, autograd, public API.
+
+Exact softmax attention over jagged rows, FlashAttention-2 style: each program owns a block of
+one row's queries (forward, dQ) or keys (dK/dV) for one head and streams the other side of the
+same row through on-chip tiles. No L x L matrix is stored and nothing is padded. The softmax runs
+in base 2 (``exp2``) on scores pre-multiplied by ``scale * log2(e)``; the forward saves the
+per-query log-sum-exp (base 2) from which the backward recomputes the probabilities. The backward
+is two kernels with no atomics, so it is deterministic.
+
+Causal masking lets query i (0-based in its row) see key j when ``j <= i + (L_k - L_q)``, i.e.
+aligned to the end of the key row as FlashAttention does; for self-attention that is ``j <= i``.
+A query that sees no key (empty key row, or causal with L_q > L_k) gets 0 and zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._search import find_row
+from ._utils import TRITON_INTERPRETER, binary_search_steps, check_tensor, next_power_of_2, use_triton
+
+LOG2_E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _row_block(offsets_ptr, slot, batch_size, search_steps, BLOCK: tl.constexpr):
+    """The row that work slot ``slot`` falls in, the row's begin and length, and the index of
+    the slot's block in that row (>= the row's block count for a spare slot)."""
+    row = find_row(offsets_ptr, slot, batch_size, search_steps, BLOCK)
+    begin = tl.load(offsets_ptr + row).to(tl.int64)
+    length = tl.load(offsets_ptr + row + 1).to(tl.int64) - begin
+    return row, begin, length, slot - (begin // BLOCK + row)
+
+
+@triton.jit
+def _load_tile(ptr, tokens, token_ok, head, cols, n_cols, stride_t, stride_h, stride_d, TRANSPOSE: tl.constexpr):
+    """[tokens, cols] of one head (or its transpose), zero outside the row and past n_cols."""
+    mask = token_ok[:, None] & (cols < n_cols)[None, :]
+    offs = tokens[:, None] * stride_t + head * stride_h + cols[None, :] * stride_d
+    if TRANSPOSE:
+        mask = token_ok[None, :] & (cols < n_cols)[:, None]
+        offs = tokens[None, :] * stride_t + head * stride_h + cols[:, None] * stride_d
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, q_len, k_len, CAUSAL: tl.constexpr):
+    """[M, N] mask of the (query, key) pairs that attend: both inside their rows, and causal."""
+    ok = (offs_m < q_len)[:, None] & (offs_n < k_len)[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (k_len - q_len))
+    return ok
+
+
+@triton.jit(do_not_specialize=["batch_size", "search_steps"])
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr,
+    batch_size, search_steps, qk_scale, head_dim, head_dim_v,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od, stride_lh,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    head = tl.program_id(1).to(tl.int64)
+    row, q_begin, q_len, block = _row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    if block * BLOCK_M >= q_len:
+        return
+    k_begin = tl.load(k_offsets_ptr + row).to(tl.int64)
+    k_len = tl.load(k_offsets_ptr + row + 1).to(tl.int64) - k_begin
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(q_ptr, q_begin + offs_m, offs_m < q_len, head, offs_d, head_dim, stride_qt, stride_qh, stride_qd, False)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    end_n = k_len
+    if CAUSAL:  # keys past the block's last query (+ the row shift) are hidden from all of it
+        end_n = tl.minimum(k_len, (block + 1) * BLOCK_M + (k_len - q_len))
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < k_len
+        k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, stride_kd, True)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = tl.where(_visible(offs_m, offs_n, q_len, k_len, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A query with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, stride_vd, False)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tokens = q_begin + offs_m
+    o_mask = (offs_m < q_len)[:, None] & (offs_dv < head_dim_v)[None, :]
+    tl.store(o_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_dv[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=o_mask)
+    # +inf for a query that saw nothing: the backward's exp2(s - lse) is then exactly 0.
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(lse_ptr + head * stride_lh + tokens, lse, mask=offs_m < q_len)
+
+
+@triton.jit(do_not_specialize=["batch_size", "search_steps"])
+def _attention_backward_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
+    batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod, stride_lh,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per (block of one row's keys, head); it streams over the row's queries.
+    # dK, dV are written with k's and v's strides (they are allocated like them).
+    head = tl.program_id(1).to(tl.int64)
+    row, k_begin, k_len, block = _row_block(k_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_N)
+    if block * BLOCK_N >= k_len:
+        return
+    q_begin = tl.load(q_offsets_ptr + row).to(tl.int64)
+    q_len = tl.load(q_offsets_ptr + row + 1).to(tl.int64) - q_begin
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < k_len
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, stride_kd, False)
+    v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, stride_vd, False)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    start = 0
+    if CAUSAL:  # queries before (first key - row shift) see none of these keys
+        start = tl.maximum(block * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
+    for start_m in range(start, q_len, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        query_ok = offs_m < q_len
+        q_t = _load_tile(q_ptr, q_begin + offs_m, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, stride_qd, True)
+        do = _load_tile(do_ptr, q_begin + offs_m, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, stride_dod, False)
+        lse = tl.load(lse_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=0.0)
+        # Transposed scores [N, M]: recompute the probabilities from the saved log-sum-exp.
+        s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        p_t = tl.where(tl.trans(_visible(offs_m, offs_n, q_len, k_len, CAUSAL)), p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+    tokens = k_begin + offs_n
+    tl.store(dk_ptr + tokens[:, None] * stride_kt + head * stride_kh + offs_d[None, :] * stride_kd,
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_d < head_dim)[None, :])
+    tl.store(dv_ptr + tokens[:, None] * stride_vt + head * stride_vh + offs_dv[None, :] * stride_vd,
+             dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < head_dim_v)[None, :])
+
+
+@triton.jit(do_not_specialize=["batch_size", "search_steps"])
+def _attention_backward_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr,
+    batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod, stride_lh,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per (block of one row's queries, head); it streams over the row's keys.
+    head = tl.program_id(1).to(tl.int64)
+    row, q_begin, q_len, block = _row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    if block * BLOCK_M >= q_len:
+        return
+    k_begin = tl.load(k_offsets_ptr + row).to(tl.int64)
+    k_len = tl.load(k_offsets_ptr + row + 1).to(tl.int64) - k_begin
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    query_ok = offs_m < q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(q_ptr, q_begin + offs_m, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, stride_qd, False)
+    do = _load_tile(do_ptr, q_begin + offs_m, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, stride_dod, False)
+    lse = tl.load(lse_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end_n = k_len
+    if CAUSAL:
+        end_n = tl.minimum(k_len, (block + 1) * BLOCK_M + (k_len - q_len))
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < k_len
+        k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, stride_kd, True)
+        v_t = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, stride_vd, True)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        p = tl.where(_visible(offs_m, offs_n, q_len, k_len, CAUSAL), tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, v_t, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+    tl.store(dq_ptr + (q_begin + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
+
+
+def _tiles(head_dim: int, head_dim_v: int) -> dict:
+    """Block sizes and warps. Under the interpreter, 16 x 16 tiles so that small test rows
+    still span several blocks (the multi-block paths are what the tests must reach)."""
+    block_d = max(16, next_power_of_2(head_dim))
+    block_dv = max(16, next_power_of_2(head_dim_v))
+    if TRITON_INTERPRETER:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=4)
+    wide = max(block_d, block_dv) > 128
+    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                num_warps=8 if wide else 4, num_stages=2 if wide else 3)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 follows PyTorch's own switch for matmuls (off by default: full float32).
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale):
+    total_q, heads, head_dim = q.shape
+    head_dim_v = v.shape[2]
+    out = torch.empty((total_q, heads, head_dim_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    batch_size = q_offsets.numel() - 1
+    if total_q == 0 or heads == 0:
+        return out, lse
+    tiles = _tiles(head_dim, head_dim_v)
+    grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
+    _attention_forward_kernel[grid](
+        q, k, v, out, lse, q_offsets, k_offsets,
+        batch_size, binary_search_steps(batch_size), scale * LOG2_E, head_dim, head_dim_v,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+        CAUSAL=causal, PRECISION=_precision(q.dtype), **tiles,
+    )
+    return out, lse
+
+
+def _attention_backward(do, q, k, v, out, lse, q_offsets, k_offsets, causal, scale):
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    batch_size = q_offsets.numel() - 1
+    if q.shape[0] == 0 or q.shape[1] == 0:  # no query: nothing depends on k or v
+        return dq, dk.zero_(), dv.zero_()
+    # delta_i = rowsum(dO_i * O_i), the softmax backward's correction, [H, T_q] like the lse.
+    delta = (do.float() * out.float()).sum(-1).t().contiguous()
+    tiles = _tiles(q.shape[2], v.shape[2])
+    common = (batch_size, binary_search_steps(batch_size), scale * LOG2_E, scale, q.shape[2], v.shape[2],
+              *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0))
+    meta = dict(CAUSAL=causal, PRECISION=_precision(q.dtype), **tiles)
+    if k.shape[0]:
+        _attention_backward_dkdv_kernel[(batch_size + k.shape[0] // tiles["BLOCK_N"], q.shape[1])](
+            q, k, v, do, lse, delta, dk, dv, q_offsets, k_offsets, *common, **meta)
+    _attention_backward_dq_kernel[(batch_size + q.shape[0] // tiles["BLOCK_M"], q.shape[1])](
+        q, k, v, do, lse, delta, dq, q_offsets, k_offsets, *common, **meta)
+    return dq, dk, dv
+
+
+class _JaggedFlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, q_offsets, k_offsets, causal, scale):
+        out, lse = _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, q_offsets, k_offsets)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, q_offsets, k_offsets = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(
+            _unit_last_stride(grad_out), q, k, v, out, lse, q_offsets, k_offsets, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _check_attention_inputs(q, k, v, q_offsets, k_offsets):
+    for name, x in (("q", q), ("k", k), ("v", v), ("q_offsets", q_offsets), ("k_offsets", k_offsets)):
+        check_tensor(x, name)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} values must be 3-D [T, H, D], got shape {tuple(x.shape)}")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {x.dtype}, {x.device}")
+        if not 1 <= x.shape[2] <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}'s head dim must be in [1, {MAX_HEAD_DIM}], got {x.shape[2]}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v must have the same [T_k, H], got {tuple(k.shape[:2])} and {tuple(v.shape[:2])}")
+    if q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same heads and head dim, got [.., {q.shape[1]}, {q.shape[2]}] "
+                         f"and [.., {k.shape[1]}, {k.shape[2]}]")
+    for name, off in (("q_offsets", q_offsets), ("k_offsets", k_offsets)):
+        if off.dim() != 1 or off.dtype not in (torch.int32, torch.int64) or off.numel() == 0:
+            raise ValueError(f"{name} must be 1-D int32/int64 [B+1], got shape {tuple(off.shape)}, {off.dtype}")
+        if off.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {off.device}")
+    if q_offsets.numel() != k_offsets.numel():
+        raise ValueError(f"q and k must have the same batch size, got {q_offsets.numel() - 1} and {k_offsets.numel() - 1}")
+
+
+def jagged_flash_attention_values(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor,
+    *, causal: bool = False, scale: float | None = None,
+) -> torch.Tensor:
+    """Raw-tensor form of :func:`jagged_flash_attention`, for callers holding their own offsets.
+
+    Args:
+        q: ``[T_q, H, D]`` float16 / bfloat16 / float32 values of the query rows.
+        k, v: ``[T_k, H, D]`` and ``[T_k, H, D_v]``, rows given by ``k_offsets``.
+        q_offsets, k_offsets: ``[B+1]`` int32/int64 on q's device (same B; contents not checked
+            here, see :class:`jagged.JaggedTensor`). Pass the same tensor for self-attention.
+        causal, scale: as in :func:`jagged_flash_attention`.
+
+    Returns:
+        ``[T_q, H, D_v]``, differentiable w.r.t. q, k and v.
+    """
+    _check_attention_inputs(q, k, v, q_offsets, k_offsets)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    if not use_triton(q):
+        return reference.jagged_attention(q, k, v, q_offsets, k_offsets, causal=causal, scale=scale)
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+    return _JaggedFlashAttention.apply(q, k, v, q_offsets, k_offsets, bool(causal), scale)
+
+
+def jagged_flash_attention(q, k, v, *, causal: bool = False, scale: float | None = None):
+    """Exact multi-head softmax attention within each jagged row, never padding.
+
+    ``out_i = softmax(scale * q_i k_i^T + mask) v_i`` for every row i and head, computed tile by
+    tile (FlashAttention-2) without materialising the ``L_q x L_k`` scores.
+
+    Args:
+        q: :class:`jagged.JaggedTensor` with values ``[T_q, H, D]`` (float16, bfloat16 with float32
+            accumulation, or float32; 1 <= D <= 256, fastest at 16/32/64/128).
+        k: JaggedTensor with values ``[T_k, H, D]`` and q's batch size. Self-attention when it has
+            q's rows; cross-attention otherwise (row i of q attends to row i of k).
+        v: JaggedTensor with values ``[T_k, H, D_v]`` and k's rows (its offsets are taken to be
+            k's: build it with ``k.with_values(...)``; a different offsets tensor is compared
+            with k's, which synchronises).
+        causal: query i sees key j only if ``j <= i + (L_k - L_q)`` (end-aligned, as in
+            FlashAttention; ``j <= i`` for self-attention).
+        scale: multiplies the scores; default ``1/sqrt(D)``.
+
+    Returns:
+        JaggedTensor with values ``[T_q, H, D_v]`` and q's offsets. A query that sees no key
+        (empty key row) gets 0, and zero gradients. Differentiable w.r.t. the values of q, k, v.
+
+    Raises:
+        TypeError: an argument is not a JaggedTensor.
+        ValueError: ranks, dtypes, devices, heads or head dims disagree, D > 256, batch sizes
+            differ, or v's rows differ from k's.
+
+    Example::
+
+        >>> x = jagged.JaggedTensor.from_list([torch.randn(n, 4, 64, device="cuda", dtype=torch.bfloat16)
+        ...                                    for n in (100, 3, 0, 250)])
+        >>> out = jagged.jagged_flash_attention(x, x, x, causal=True)    # values [353, 4, 64]
+    """
+    from ..tensor import JaggedTensor
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, JaggedTensor):
+            raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
+    if v.offsets is not k.offsets:
+        if v.offsets.shape != k.offsets.shape or not torch.equal(v.offsets, k.offsets):
+            raise ValueError("v must have k's rows (the same offsets)")
+    out = jagged_flash_attention_values(q.values, k.values, v.values, q.offsets, k.offsets, causal=causal, scale=scale)
+    return q.with_values(out)

@@ -1,0 +1,189 @@
+"""jagged_flash_attention: kernels against the padded float64 reference, forward and the
+gradients of q, k and v; self and cross, causal, empty rows, head dims, the nn module."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jagged
+from jagged import JaggedTensor, reference
+from helpers import (
+    DEVICE,
+    FLOAT_DTYPES,
+    LENGTH_PATTERNS,
+    OFFSET_DTYPES,
+    ON_GPU,
+    assert_close,
+    lengths_strategy,
+    make_offsets,
+    random_values,
+)
+
+
+def tolerance(dtype):
+    # float32 dots use full precision (torch.backends.cuda.matmul.allow_tf32 is off by default).
+    return dtype
+
+
+def check_attention(q_lengths, k_lengths, heads, head_dim, head_dim_v, dtype, causal,
+                    scale=None, offsets_dtype=torch.int64, self_attention=False):
+    q_offsets = make_offsets(q_lengths, offsets_dtype)
+    k_offsets = q_offsets if self_attention else make_offsets(k_lengths, offsets_dtype)
+    q = random_values((sum(q_lengths), heads, head_dim), dtype, requires_grad=True)
+    k = random_values((sum(k_lengths), heads, head_dim), dtype, requires_grad=True)
+    v = random_values((sum(k_lengths), heads, head_dim_v), dtype, requires_grad=True)
+    out = jagged.jagged_flash_attention_values(q, k, v, q_offsets, k_offsets, causal=causal, scale=scale)
+    ref = reference.jagged_attention(q.double(), k.double(), v.double(), q_offsets, k_offsets,
+                                     causal=causal, scale=scale, compute_dtype=torch.float64)
+    assert out.dtype == dtype and out.shape == (sum(q_lengths), heads, head_dim_v)
+    assert_close(out, ref, tol=tolerance(dtype))
+    grad = random_values(out.shape, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+    again = torch.autograd.grad(out, (q, k, v), grad)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for name, g, g2, gr in zip("qkv", grads, again, grads_ref):
+        assert_close(g, gr, tol=tolerance(dtype), name=f"grad {name}")
+        assert torch.equal(g, g2), f"grad {name}: second backward differs (not deterministic)"
+
+
+@pytest.mark.parametrize("lengths", list(LENGTH_PATTERNS.values()), ids=list(LENGTH_PATTERNS))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_self_attention_patterns(lengths, causal, dtype):
+    check_attention(lengths, lengths, 2, 16, 16, dtype, causal, self_attention=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(
+    "q_lengths, k_lengths",
+    [([3, 20, 0, 1], [17, 2, 5, 0]), ([33], [7]), ([0, 4], [9, 0]), ([1, 1, 1], [40, 1, 2]),
+     ([32, 20], [33, 37])],
+    # Lk - Lq = 1 and 17: the causal window starts one key past a block boundary.
+    ids=["mixed", "Lq>Lk", "empty-sides", "one-query", "shift-by-one"],
+)
+def test_cross_attention(q_lengths, k_lengths, causal):
+    check_attention(q_lengths, k_lengths, 2, 32, 16, torch.float32, causal, offsets_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("head_dim, head_dim_v", [(1, 1), (8, 24), (100, 40), (256, 16)])
+def test_head_dims(head_dim, head_dim_v):
+    check_attention([5, 19], [5, 19], 1, head_dim, head_dim_v, torch.float32, False, self_attention=True)
+
+
+@given(
+    q_lengths=lengths_strategy(max_batch=4, max_len=40),
+    data=st.data(),
+    heads=st.integers(1, 3),
+    head_dims=st.sampled_from([(16, 16), (24, 40), (32, 32), (64, 16)]),
+    dtype=st.sampled_from(FLOAT_DTYPES if not ON_GPU else [torch.float32, torch.float16]),
+    causal=st.booleans(),
+    scale=st.sampled_from([None, 0.05, 1.0]),
+    offsets_dtype=st.sampled_from(OFFSET_DTYPES),
+)
+def test_attention_property(q_lengths, data, heads, head_dims, dtype, causal, scale, offsets_dtype):
+    self_attention = data.draw(st.booleans(), label="self_attention")
+    k_lengths = q_lengths if self_attention else data.draw(
+        st.lists(st.integers(0, 40), min_size=len(q_lengths), max_size=len(q_lengths)), label="k_lengths")
+    check_attention(q_lengths, k_lengths, heads, *head_dims, dtype, causal, scale, offsets_dtype, self_attention)
+
+
+def test_query_with_no_key_gets_zero_and_no_nan():
+    q_offsets, k_offsets = make_offsets([3, 4]), make_offsets([0, 5])
+    q = random_values((7, 2, 16), torch.float32, requires_grad=True)
+    k = random_values((5, 2, 16), torch.float32, requires_grad=True)
+    v = random_values((5, 2, 16), torch.float32, requires_grad=True)
+    for causal in (False, True):
+        out = jagged.jagged_flash_attention_values(q, k, v, q_offsets, k_offsets, causal=causal)
+        assert torch.equal(out[:3], torch.zeros_like(out[:3]))
+        (gq,) = torch.autograd.grad(out.sum(), q)
+        assert torch.equal(gq[:3], torch.zeros_like(gq[:3])) and not gq.isnan().any()
+    # causal with L_q > L_k: the first L_q - L_k queries see nothing (end-aligned).
+    out = jagged.jagged_flash_attention_values(q[3:], k, v, make_offsets([4]), make_offsets([2]), causal=True)
+    assert torch.equal(out[:2], torch.zeros_like(out[:2])) and not bool((out[2:] == 0).all())
+
+
+def test_strided_qkv_from_fused_projection():
+    lengths = [6, 0, 21]
+    offsets = make_offsets(lengths)
+    qkv = random_values((sum(lengths), 3, 2, 32), torch.float32)  # q, k, v are strided views
+    q, k, v = qkv.unbind(1)
+    out = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=True)
+    ref = reference.jagged_attention(q.double(), k.double(), v.double(), offsets, offsets, causal=True,
+                                     compute_dtype=torch.float64)
+    assert_close(out, ref, tol=torch.float32)
+
+
+def test_jagged_tensor_api():
+    x = JaggedTensor(random_values((12, 2, 16), torch.float32), make_offsets([5, 0, 7]))
+    out = jagged.jagged_flash_attention(x, x, x, causal=True)
+    assert isinstance(out, JaggedTensor) and out.offsets is x.offsets and out.values.shape == (12, 2, 16)
+    ref = reference.jagged_attention(x.values, x.values, x.values, x.offsets, x.offsets, causal=True)
+    assert_close(out.values, ref, tol=torch.float32)
+    v_same_rows = JaggedTensor(x.values.clone(), x.offsets.clone())  # equal offsets, other tensor
+    jagged.jagged_flash_attention(x, x, v_same_rows)
+    with pytest.raises(ValueError, match="v must have k's rows"):
+        jagged.jagged_flash_attention(x, x, JaggedTensor(x.values, make_offsets([6, 0, 6])))
+    with pytest.raises(TypeError, match="q must be a jagged.JaggedTensor"):
+        jagged.jagged_flash_attention(x.values, x, x)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(q=lambda t: t[:, 0]), ValueError, "q values must be 3-D"),
+        (dict(k=lambda t: t.half()), ValueError, "k must have q's dtype"),
+        (dict(q=lambda t: t.long(), k=lambda t: t.long(), v=lambda t: t.long()), ValueError, "float16, bfloat16 or float32"),
+        (dict(k=lambda t: t[:, :1], v=lambda t: t[:, :1]), ValueError, "same heads and head dim"),
+        (dict(v=lambda t: t[:-1]), ValueError, r"k and v must have the same \[T_k, H\]"),
+        (dict(q=lambda t: t.new_ones(t.shape[0], 2, 300), k=lambda t: t.new_ones(t.shape[0], 2, 300)), ValueError, "head dim must be in"),
+        (dict(k_offsets=lambda o: o[:-1]), ValueError, "same batch size"),
+        (dict(q_offsets=lambda o: o.float()), ValueError, "int32/int64"),
+        (dict(q_offsets=lambda o: o.to("meta")), ValueError, "q's device"),
+        (dict(v=lambda t: t.tolist()), TypeError, "v must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(change, error, match):
+    args = dict(q=random_values((9, 2, 16), torch.float32), k=random_values((9, 2, 16), torch.float32),
+                v=random_values((9, 2, 16), torch.float32), q_offsets=make_offsets([4, 5]), k_offsets=make_offsets([4, 5]))
+    for name, fn in change.items():
+        args[name] = fn(args[name])
+    with pytest.raises(error, match=match):
+        jagged.jagged_flash_attention_values(args["q"], args["k"], args["v"], args["q_offsets"], args["k_offsets"])
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_multihead_attention_module(cross):
+    torch.manual_seed(0)
+    mha = jagged.nn.JaggedMultiheadAttention(32, 2, causal=True, kdim=24 if cross else None,
+                                             vdim=24 if cross else None).to(DEVICE)
+    x = JaggedTensor(random_values((23, 32), torch.float32, requires_grad=True), make_offsets([3, 0, 20]))
+    y = JaggedTensor(random_values((17, 24), torch.float32), make_offsets([9, 4, 4])) if cross else None
+    out = mha(x, y)
+    src = y if cross else x
+    q = mha.q_proj(x.values).view(23, 2, 16)
+    k = mha.k_proj(src.values).view(-1, 2, 16)
+    v = mha.v_proj(src.values).view(-1, 2, 16)
+    ref = mha.out_proj(reference.jagged_attention(q, k, v, x.offsets, src.offsets, causal=True).reshape(23, 32))
+    assert out.offsets is x.offsets
+    assert_close(out.values, ref, tol=torch.float32)
+    grad = random_values(ref.shape, torch.float32)
+    params = [x.values, mha.q_proj.weight, mha.k_proj.weight, mha.v_proj.bias, mha.out_proj.weight]
+    for g, gr, name in zip(torch.autograd.grad(out.values, params, grad), torch.autograd.grad(ref, params, grad),
+                           ["x", "q_proj.weight", "k_proj.weight", "v_proj.bias", "out_proj.weight"]):
+        assert_close(g, gr, tol=torch.float32, name=f"grad {name}")
+    with pytest.raises(ValueError, match=r"query values must be \[T, 32\]"):
+        mha(JaggedTensor(random_values((4, 8), torch.float32), make_offsets([4])))
+    with pytest.raises(ValueError, match="positive multiple"):
+        jagged.nn.JaggedMultiheadAttention(30, 4)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="sizes and bfloat16 for the GPU")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_sizes(dtype, head_dim, causal):
+    lengths = torch.randint(0, 300, (37,)).tolist() + [1000, 0, 1]
+    check_attention(lengths, lengths, 3, head_dim, head_dim, dtype, causal, self_attention=True)
+    k_lengths = torch.randint(0, 400, (len(lengths),)).tolist()
+    check_attention(lengths, k_lengths, 2, head_dim, head_dim, dtype, causal)
