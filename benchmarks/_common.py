@@ -29,14 +29,31 @@ def random_lengths(batch_size: int, max_len: int, distribution: str, generator: 
     return lengths.clamp_(1, max_len)
 
 
-def jagged_inputs(batch_size, max_len, feature_dim, dtype, distribution, seed=0):
-    """values [T, D] (standard normal, never zeros), offsets [B+1] int64, T, max_len."""
+def jagged_inputs(batch_size, max_len, feature_shape, dtype, distribution, seed=0):
+    """values [T, *feature_shape] (standard normal, never zeros), offsets [B+1] int64, T, and
+    the longest row."""
     generator = torch.Generator().manual_seed(seed)
     lengths = random_lengths(batch_size, max_len, distribution, generator)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(DEVICE)
     total_len = int(lengths.sum())
-    values = torch.randn(total_len, feature_dim, generator=generator).to(DEVICE, dtype)
+    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+    values = torch.randn(total_len, *shape, generator=generator).to(DEVICE, dtype)
     return values, offsets, total_len, int(lengths.max())
+
+
+def length_mask(offsets, max_len):
+    """[B, max_len] bool: True at a row's real positions."""
+    return torch.arange(max_len, device=offsets.device)[None, :] < offsets.diff()[:, None]
+
+
+def padded_to_dense(values, offsets, max_len):
+    """What a user without this library writes to pad: a length mask and an index_put."""
+    dense = values.new_zeros(offsets.numel() - 1, max_len, *values.shape[1:])
+    return dense.index_put((length_mask(offsets, max_len),), values)
+
+
+def padded_to_jagged(dense, offsets, total_len=None):
+    return dense[length_mask(offsets, dense.shape[1])]
 
 
 def bench(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:

@@ -19,23 +19,10 @@ import argparse
 import torch
 
 import jagged
-from _common import DEVICE, ON_GPU, bench, jagged_inputs, peak_memory_mib, print_table, save
+from _common import DEVICE, ON_GPU, bench, jagged_inputs, padded_to_dense, padded_to_jagged, peak_memory_mib, print_table, save
 
 GPU_CASES = [(1024, 512, 128), (256, 1024, 256)]
 CPU_CASES = [(8, 32, 16)]
-
-
-def length_mask(offsets, max_len):
-    return torch.arange(max_len, device=offsets.device)[None, :] < offsets.diff()[:, None]
-
-
-def padded_to_dense(values, offsets, max_len):
-    dense = values.new_zeros(offsets.numel() - 1, max_len, values.shape[1])
-    return dense.index_put((length_mask(offsets, max_len),), values)
-
-
-def padded_to_jagged(dense, offsets, total_len):
-    return dense[length_mask(offsets, dense.shape[1])]
 
 
 def aten_to_dense(values, offsets, max_len):

@@ -21,7 +21,7 @@ settings.register_profile(
     "cpu", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile(
-    "gpu", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "gpu", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu"))
 

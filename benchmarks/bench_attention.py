@@ -1,0 +1,230 @@
+"""Benchmark jagged flash attention against the ways a user would otherwise attend over jagged rows.
+
+Methods, on the same jagged self-attention inputs (q, k, v values [T, H, D] + offsets):
+- jagged: this library (jagged.jagged_flash_attention_values);
+- fa2_varlen: PyTorch's FlashAttention-2 varlen kernel, torch.ops.aten._flash_attention_forward /
+  _flash_attention_backward with int32 cumulative offsets (the strongest peer);
+- flex: FlexAttention (torch.compile'd) on the packed sequence with a same-row block mask (the
+  mask is built outside the timed region; its build time is reported as flex_mask_ms);
+- sdpa_padded: pad -> F.scaled_dot_product_attention (flash backend) -> unpad. The flash backend
+  takes no padding mask, so without causal it also attends to padded keys (a timing baseline);
+- dense: pad -> masked softmax(q k^T) v in plain PyTorch -> unpad.
+Padded methods include the padding and un-padding a user holding jagged data must do.
+
+TFLOP/s count real tokens only: 4 * sum(L_i^2) * H * D forward (half with causal), 3.5x that for
+forward + backward. Peak memory is for forward + backward, above the inputs.
+
+    python benchmarks/bench_attention.py [--quick] [--no-flex] [--out results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+import jagged
+from _common import (DEVICE, ON_GPU, bench, jagged_inputs, padded_to_dense, padded_to_jagged, peak_memory_mib,
+                     print_table, save)
+
+# (B, max_L, H, D, lengths, causal): the shared peer-baseline shapes, then causal ones.
+GPU_CASES = [
+    (256, 256, 4, 64, "unif", False), (256, 512, 4, 64, "unif", False), (256, 1024, 4, 64, "unif", False),
+    (64, 4096, 4, 64, "unif", False), (256, 256, 4, 64, "skew", False), (256, 512, 4, 64, "skew", False),
+    (64, 2048, 4, 64, "skew", False), (64, 1024, 2, 128, "unif", False), (1024, 128, 2, 32, "skew", False),
+    (256, 256, 8, 32, "unif", False), (256, 256, 4, 128, "unif", False),
+    (256, 256, 4, 64, "unif", True), (64, 4096, 4, 64, "unif", True),
+]
+QUICK_CASES = [GPU_CASES[0], GPU_CASES[3], GPU_CASES[8], GPU_CASES[11]]
+CPU_CASES = [(4, 32, 2, 16, "unif", False), (4, 32, 2, 16, "skew", True)]
+
+
+def method_fns(q, k, v, offsets, max_len, causal, use_flex):
+    """name -> forward function of (q, k, v) returning jagged output values [T, H, D]."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    fns = {"jagged": lambda q, k, v: jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=causal)}
+
+    def padded(x):  # [T, H, D] -> [B, H, L, D]
+        return padded_to_dense(x, offsets, max_len).transpose(1, 2)
+
+    def unpadded(x):  # [B, H, L, D] -> [T, H, D]
+        return padded_to_jagged(x.transpose(1, 2), offsets)
+
+    def dense(q, k, v):
+        qp, kp, vp = padded(q), padded(k), padded(v)
+        scores = (qp @ kp.transpose(-1, -2)) * scale
+        i = torch.arange(max_len, device=q.device)
+        visible = i[None, None, :] < offsets.diff()[:, None, None]  # [B, 1, L] keys of the row
+        if causal:
+            visible = visible & (i[None, None, :] <= i[None, :, None])
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        return unpadded(torch.softmax(scores, -1) @ vp)
+
+    fns["dense"] = dense
+
+    if ON_GPU:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_padded(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return unpadded(F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=causal))
+
+        fns["sdpa_padded"] = sdpa_padded
+        fns["fa2_varlen"] = FlashVarlen(offsets.int(), max_len, causal, scale)
+        if use_flex:
+            fns["flex"] = Flex(offsets, q.shape[0], causal)
+    return fns
+
+
+class FlashVarlen:
+    """FA2 varlen forward, and an explicit forward + backward (aten has no autograd for it)."""
+
+    def __init__(self, cu_seqlens, max_len, causal, scale):
+        self.args = (cu_seqlens, cu_seqlens, max_len, max_len, 0.0, causal)
+        self.scale = scale
+
+    def __call__(self, q, k, v):
+        return torch.ops.aten._flash_attention_forward(q, k, v, *self.args, False, scale=self.scale)[0]
+
+    def forward_backward(self, q, k, v, grad):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, *self.args, False, scale=self.scale)
+        return torch.ops.aten._flash_attention_backward(grad, q, k, v, out, lse, *self.args, rng, unused, scale=self.scale)
+
+
+class Flex:
+    """FlexAttention over the packed [1, H, T, D] sequence, masked to pairs in the same row."""
+
+    compiled = None
+
+    def __init__(self, offsets, total_len, causal):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if Flex.compiled is None:
+            Flex.compiled = torch.compile(flex_attention, dynamic=False)
+        row = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
+
+        def same_row(b, h, q_idx, kv_idx):
+            ok = row[q_idx] == row[kv_idx]
+            return ok & (kv_idx <= q_idx) if causal else ok
+
+        def build():
+            return create_block_mask(same_row, None, None, total_len, total_len, device=offsets.device)
+
+        self.block_mask = build()
+        self.mask_ms = bench(build)
+
+    def __call__(self, q, k, v):
+        packed = [x.transpose(0, 1)[None] for x in (q, k, v)]  # [1, H, T, D]
+        return Flex.compiled(*packed, block_mask=self.block_mask)[0].transpose(0, 1)
+
+
+def measure(name, fn, q, k, v):
+    """Forward and forward+backward median times, and peak memory of forward+backward."""
+    grad = torch.randn_like(q)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    if isinstance(fn, FlashVarlen):
+        fb = lambda: fn.forward_backward(q, k, v, grad)  # noqa: E731
+    else:
+        fb = lambda: torch.autograd.grad(fn(*leaves), leaves, grad)  # noqa: E731
+    try:
+        fb()  # compile / warm up
+        result = {"fwd_ms": bench(lambda: fn(q, k, v)), "fwd_bwd_ms": bench(fb), "peak_MiB": peak_memory_mib(fb)}
+    except torch.cuda.OutOfMemoryError:
+        result = {"fwd_ms": None, "fwd_bwd_ms": None, "peak_MiB": None, "note": "out of memory"}
+    if ON_GPU:
+        torch.cuda.empty_cache()
+    return result
+
+
+def run(quick=False, use_flex=True, out_dir="results"):
+    cases = CPU_CASES if not ON_GPU else QUICK_CASES if quick else GPU_CASES
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    rows = []
+    for batch_size, max_len, heads, head_dim, distribution, causal in cases:
+        qkv, offsets, total_len, longest = jagged_inputs(batch_size, max_len, (3, heads, head_dim), dtype, distribution)
+        q, k, v = (x.contiguous() for x in qkv.unbind(1))
+        sum_sq = float((offsets.diff().double() ** 2).sum())
+        flops = 4 * sum_sq * heads * head_dim * (0.5 if causal else 1.0)
+        case = {"B": batch_size, "max_L": max_len, "H": heads, "D": head_dim, "lengths": distribution,
+                "causal": causal, "T": total_len, "fill": round(total_len / (batch_size * max_len), 2)}
+        fns = method_fns(q, k, v, offsets, longest, causal, use_flex and ON_GPU)
+        expected = fns["fa2_varlen"](q, k, v) if ON_GPU else None
+        for name, fn in fns.items():
+            row = {**case, "method": name, **measure(name, fn, q, k, v)}
+            if row["fwd_ms"]:
+                row["fwd_TFLOPs"] = flops / row["fwd_ms"] / 1e9
+                row["fwd_bwd_TFLOPs"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9
+            if isinstance(fn, Flex):
+                row["flex_mask_ms"] = fn.mask_ms
+            if name == "jagged" and expected is not None:
+                out = fn(q, k, v).float()
+                row["rel_err_vs_fa2"] = float((out - expected.float()).norm() / expected.float().norm())
+            rows.append(row)
+            print(f"  {name:12s} B={batch_size} L={max_len} H={heads} D={head_dim} {distribution} causal={causal}: "
+                  f"fwd {row['fwd_ms']} ms, f+b {row['fwd_bwd_ms']} ms", flush=True)
+    save(rows, "attention", out_dir)
+    plot(rows, out_dir)
+    return rows
+
+
+def summarise(rows):
+    keys = ("B", "max_L", "H", "D", "lengths", "causal", "fill")
+    table = []
+    for key in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
+        by = {r["method"]: r for r in rows if tuple(r[k] for k in keys) == key}
+        ours = by["jagged"]
+        line = dict(zip(keys, key))
+        line["ours fwd ms"] = ours["fwd_ms"]
+        line["ours fwd TF"] = ours.get("fwd_TFLOPs")
+        line["ours f+b TF"] = ours.get("fwd_bwd_TFLOPs")
+        for peer in ("fa2_varlen", "flex", "sdpa_padded", "dense"):
+            r = by.get(peer)
+            if r and r["fwd_ms"]:
+                line[f"{peer} fwd x"] = r["fwd_ms"] / ours["fwd_ms"]
+                line[f"{peer} f+b x"] = r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+        if by.get("dense", {}).get("peak_MiB") and ours["peak_MiB"]:
+            line["dense/ours mem"] = by["dense"]["peak_MiB"] / ours["peak_MiB"]
+        table.append(line)
+    print("(x = peer time / our time: above 1 means we are faster)")
+    print_table(table, list(dict.fromkeys(c for line in table for c in line)))
+
+
+def plot(rows, out_dir):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    cases = list(dict.fromkeys((r["B"], r["max_L"], r["H"], r["D"], r["lengths"], r["causal"]) for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(cases) * 1.1), 8))
+    for ax, metric in zip(axes, ("fwd_TFLOPs", "fwd_bwd_TFLOPs")):
+        width = 0.8 / len(methods)
+        for m, method in enumerate(methods):
+            vals = [next((r.get(metric) or 0 for r in rows if r["method"] == method and
+                          (r["B"], r["max_L"], r["H"], r["D"], r["lengths"], r["causal"]) == c), 0) for c in cases]
+            ax.bar([i + m * width for i in range(len(cases))], vals, width, label=method)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+        ax.set_xticklabels([f"B{c[0]} L{c[1]}\nH{c[2]} D{c[3]}\n{c[4]}{' causal' if c[5] else ''}" for c in cases], fontsize=7)
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{out_dir}/attention.png", dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="four shapes")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    parser.add_argument("--out", default="results", help="folder for JSON results and the plot")
+    args = parser.parse_args(argv)
+    print(f"jagged attention on {DEVICE.type.upper()}" + ("" if ON_GPU else " (no GPU: toy sizes, reference path)"))
+    summarise(run(args.quick, not args.no_flex, args.out))
+
+
+if __name__ == "__main__":
+    main()
