@@ -5,6 +5,7 @@ forward + backward, and each compiled Triton kernel's registers, spills and shar
 """
 
 import argparse
+import time
 
 import torch
 
@@ -37,8 +38,21 @@ def main():
         out = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=args.causal)
         torch.autograd.grad(out, (q, k, v), grad)
 
+    def forward():
+        jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=args.causal)
+
     for _ in range(3):
         step()
+    # Host time per call: many calls back to back, timed before the device catches up.
+    for name, fn in (("forward", forward), ("forward+backward", step)):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(50):
+            fn()
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        print(f"{name}: host {host / 50 * 1e6:.0f} us/call, wall {wall / 50 * 1e6:.0f} us/call")
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):

@@ -203,16 +203,40 @@ def _attention_backward_dq_kernel(
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
 
 
-def _tiles(head_dim: int, head_dim_v: int) -> dict:
-    """Block sizes and warps. Under the interpreter, 16 x 16 tiles so that small test rows
-    still span several blocks (the multi-block paths are what the tests must reach)."""
+@triton.jit(do_not_specialize=["total_q"])
+def _attention_backward_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, total_q, head_dim_v,
+    stride_ot, stride_oh, stride_od, stride_dot, stride_doh, stride_dod, stride_lh,
+    BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # delta_i = rowsum(dO_i * O_i) in float32, the softmax backward's per-query correction.
+    head = tl.program_id(1).to(tl.int64)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = tokens < total_q
+    cols = tl.arange(0, BLOCK_DV)
+    o = _load_tile(o_ptr, tokens, token_ok, head, cols, head_dim_v, stride_ot, stride_oh, stride_od, False)
+    do = _load_tile(do_ptr, tokens, token_ok, head, cols, head_dim_v, stride_dot, stride_doh, stride_dod, False)
+    tl.store(delta_ptr + head * stride_lh + tokens, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=token_ok)
+
+
+def _tiles(kernel: str, head_dim: int, head_dim_v: int) -> dict:
+    """Block sizes and warps per kernel ("forward", "dkdv", "dq"). Under the interpreter, 16 x 16
+    tiles so that small test rows still span several blocks (the multi-block paths are what
+    the tests must reach). See benchmarks/NOTES.md for how these were chosen."""
     block_d = max(16, next_power_of_2(head_dim))
     block_dv = max(16, next_power_of_2(head_dim_v))
+    dims = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
     if TRITON_INTERPRETER:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=4)
-    wide = max(block_d, block_dv) > 128
-    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                num_warps=8 if wide else 4, num_stages=2 if wide else 3)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, **dims)
+    wide = max(block_d, block_dv) > 64
+    widest = max(block_d, block_dv) > 128
+    if kernel == "forward":
+        return dict(BLOCK_M=64, BLOCK_N=32 if widest else 64, num_warps=8 if widest else 4,
+                    num_stages=2 if widest else 3, **dims)
+    if kernel == "dkdv":  # holds dK, dV accumulators [BLOCK_N, D]: keep the query block small
+        return dict(BLOCK_M=16 if widest else 32, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2, **dims)
+    # dq: holds one accumulator [BLOCK_M, D]
+    return dict(BLOCK_M=64, BLOCK_N=16 if widest else 32, num_warps=8 if wide else 4, num_stages=2, **dims)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -234,7 +258,7 @@ def _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale):
     batch_size = q_offsets.numel() - 1
     if total_q == 0 or heads == 0:
         return out, lse
-    tiles = _tiles(head_dim, head_dim_v)
+    tiles = _tiles("forward", head_dim, head_dim_v)
     grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, q_offsets, k_offsets,
@@ -252,17 +276,22 @@ def _attention_backward(do, q, k, v, out, lse, q_offsets, k_offsets, causal, sca
     batch_size = q_offsets.numel() - 1
     if q.shape[0] == 0 or q.shape[1] == 0:  # no query: nothing depends on k or v
         return dq, dk.zero_(), dv.zero_()
-    # delta_i = rowsum(dO_i * O_i), the softmax backward's correction, [H, T_q] like the lse.
-    delta = (do.float() * out.float()).sum(-1).t().contiguous()
-    tiles = _tiles(q.shape[2], v.shape[2])
+    delta = torch.empty_like(lse)
+    block_t = 64
+    _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), q.shape[1])](
+        out, do, delta, q.shape[0], v.shape[2], *out.stride(), *do.stride(), delta.stride(0),
+        BLOCK_T=block_t, BLOCK_DV=max(16, next_power_of_2(v.shape[2])))
     common = (batch_size, binary_search_steps(batch_size), scale * LOG2_E, scale, q.shape[2], v.shape[2],
               *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0))
-    meta = dict(CAUSAL=causal, PRECISION=_precision(q.dtype), **tiles)
+    precision = _precision(q.dtype)
     if k.shape[0]:
+        tiles = _tiles("dkdv", q.shape[2], v.shape[2])
         _attention_backward_dkdv_kernel[(batch_size + k.shape[0] // tiles["BLOCK_N"], q.shape[1])](
-            q, k, v, do, lse, delta, dk, dv, q_offsets, k_offsets, *common, **meta)
+            q, k, v, do, lse, delta, dk, dv, q_offsets, k_offsets, *common,
+            CAUSAL=causal, PRECISION=precision, **tiles)
+    tiles = _tiles("dq", q.shape[2], v.shape[2])
     _attention_backward_dq_kernel[(batch_size + q.shape[0] // tiles["BLOCK_M"], q.shape[1])](
-        q, k, v, do, lse, delta, dq, q_offsets, k_offsets, *common, **meta)
+        q, k, v, do, lse, delta, dq, q_offsets, k_offsets, *common, CAUSAL=causal, PRECISION=precision, **tiles)
     return dq, dk, dv
 
 
