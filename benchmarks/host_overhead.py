@@ -1,0 +1,53 @@
+"""Host (CPU) time of each piece of a jagged attention call, to find launch overhead.
+Each piece is called many times back to back; the device is synchronised only around the batch.
+
+    python benchmarks/host_overhead.py
+"""
+
+import math
+import time
+
+import torch
+
+import jagged
+from _common import jagged_inputs
+from jagged.ops import attention
+
+
+def host_us(fn, n=300):
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - start) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def main():
+    qkv, offsets, total, longest = jagged_inputs(256, 256, (3, 4, 64), torch.bfloat16, "skew")
+    q, k, v = (x.contiguous() for x in qkv.unbind(1))
+    scale = 1 / math.sqrt(64)
+    out, lse = attention._attention_forward(q, k, v, offsets, offsets, False, scale)
+    do = torch.randn_like(out)
+    qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
+    cu = offsets.int()
+    pieces = {
+        "torch.empty x1": lambda: torch.empty((total, 4, 64), dtype=q.dtype, device=q.device),
+        "input checks": lambda: attention._check_attention_inputs(q, k, v, offsets, offsets),
+        "forward launcher (2 empty + 1 launch)": lambda: attention._attention_forward(q, k, v, offsets, offsets, False, scale),
+        "public forward, no grad": lambda: jagged.jagged_flash_attention_values(q, k, v, offsets, offsets),
+        "public forward, with grad": lambda: jagged.jagged_flash_attention_values(qg, kg, vg, offsets, offsets),
+        "backward launcher (4 empty + 3 launches)": lambda: attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale),
+        "forward+backward via autograd": lambda: torch.autograd.grad(
+            jagged.jagged_flash_attention_values(qg, kg, vg, offsets, offsets), (qg, kg, vg), do),
+        "FA2 varlen forward (aten)": lambda: torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, longest, longest, 0.0, False, False, scale=scale),
+    }
+    for name, fn in pieces.items():
+        print(f"{name:45s} {host_us(fn):8.1f} us")
+
+
+if __name__ == "__main__":
+    main()
