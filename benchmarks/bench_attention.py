@@ -142,30 +142,32 @@ def run(quick=False, use_flex=True, out_dir="results"):
     cases = CPU_CASES if not ON_GPU else QUICK_CASES if quick else GPU_CASES
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     rows = []
-    for batch_size, max_len, heads, head_dim, distribution, causal in cases:
-        qkv, offsets, total_len, longest = jagged_inputs(batch_size, max_len, (3, heads, head_dim), dtype, distribution)
-        q, k, v = (x.contiguous() for x in qkv.unbind(1))
-        sum_sq = float((offsets.diff().double() ** 2).sum())
-        flops = 4 * sum_sq * heads * head_dim * (0.5 if causal else 1.0)
-        case = {"B": batch_size, "max_L": max_len, "H": heads, "D": head_dim, "lengths": distribution,
-                "causal": causal, "T": total_len, "fill": round(total_len / (batch_size * max_len), 2)}
-        fns = method_fns(q, k, v, offsets, longest, causal, use_flex and ON_GPU)
-        expected = fns["fa2_varlen"](q, k, v) if ON_GPU else None
-        for name, fn in fns.items():
-            row = {**case, "method": name, **measure(name, fn, q, k, v)}
-            if row["fwd_ms"]:
-                row["fwd_TFLOPs"] = flops / row["fwd_ms"] / 1e9
-                row["fwd_bwd_TFLOPs"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9
-            if isinstance(fn, Flex):
-                row["flex_mask_ms"] = fn.mask_ms
-            if name == "jagged" and expected is not None:
-                out = fn(q, k, v).float()
-                row["rel_err_vs_fa2"] = float((out - expected.float()).norm() / expected.float().norm())
-            rows.append(row)
-            print(f"  {name:12s} B={batch_size} L={max_len} H={heads} D={head_dim} {distribution} causal={causal}: "
-                  f"fwd {row['fwd_ms']} ms, f+b {row['fwd_bwd_ms']} ms", flush=True)
-    save(rows, "attention", out_dir)
-    plot(rows, out_dir)
+    try:  # an interrupted sweep (Ctrl-C, timeout -s INT) still saves what it measured
+        for batch_size, max_len, heads, head_dim, distribution, causal in cases:
+            qkv, offsets, total_len, longest = jagged_inputs(batch_size, max_len, (3, heads, head_dim), dtype, distribution)
+            q, k, v = (x.contiguous() for x in qkv.unbind(1))
+            sum_sq = float((offsets.diff().double() ** 2).sum())
+            flops = 4 * sum_sq * heads * head_dim * (0.5 if causal else 1.0)
+            case = {"B": batch_size, "max_L": max_len, "H": heads, "D": head_dim, "lengths": distribution,
+                    "causal": causal, "T": total_len, "fill": round(total_len / (batch_size * max_len), 2)}
+            fns = method_fns(q, k, v, offsets, longest, causal, use_flex and ON_GPU)
+            expected = fns["fa2_varlen"](q, k, v) if ON_GPU else None
+            for name, fn in fns.items():
+                row = {**case, "method": name, **measure(name, fn, q, k, v)}
+                if row["fwd_ms"]:
+                    row["fwd_TFLOPs"] = flops / row["fwd_ms"] / 1e9
+                    row["fwd_bwd_TFLOPs"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9
+                if isinstance(fn, Flex):
+                    row["flex_mask_ms"] = fn.mask_ms
+                if name == "jagged" and expected is not None:
+                    out = fn(q, k, v).float()
+                    row["rel_err_vs_fa2"] = float((out - expected.float()).norm() / expected.float().norm())
+                rows.append(row)
+                print(f"  {name:12s} B={batch_size} L={max_len} H={heads} D={head_dim} {distribution} causal={causal}: "
+                      f"fwd {row['fwd_ms']} ms, f+b {row['fwd_bwd_ms']} ms", flush=True)
+    finally:
+        save(rows, "attention", out_dir)
+        plot(rows, out_dir)
     return rows
 
 

@@ -16,6 +16,7 @@ from jagged.ops import attention
 
 def host_us(fn, n=300):
     fn()
+    fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(n):
@@ -45,8 +46,29 @@ def main():
         "FA2 varlen forward (aten)": lambda: torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, longest, longest, 0.0, False, False, scale=scale),
     }
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    pieces["autograd engine alone (identity Function)"] = lambda: torch.autograd.grad(Identity.apply(qg), qg, q)
+
+    def backward_on_thread():
+        import threading
+
+        t = threading.Thread(target=lambda: [attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale) for _ in range(100)])
+        t.start()
+        t.join()
+
+    pieces["backward launcher x100 on another thread (/100)"] = lambda: backward_on_thread()
     for name, fn in pieces.items():
-        print(f"{name:45s} {host_us(fn):8.1f} us")
+        n = 10 if "thread" in name else 300
+        us = host_us(fn, n) / (100 if "thread" in name else 1)
+        print(f"{name:50s} {us:8.1f} us")
 
 
 if __name__ == "__main__":

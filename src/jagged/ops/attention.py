@@ -39,13 +39,14 @@ def _row_block(offsets_ptr, slot, batch_size, search_steps, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _load_tile(ptr, tokens, token_ok, head, cols, n_cols, stride_t, stride_h, stride_d, TRANSPOSE: tl.constexpr):
-    """[tokens, cols] of one head (or its transpose), zero outside the row and past n_cols."""
+def _load_tile(ptr, tokens, token_ok, head, cols, n_cols, stride_t, stride_h, TRANSPOSE: tl.constexpr):
+    """[tokens, cols] of one head (or its transpose), zero outside the row and past n_cols.
+    Features are contiguous (the launchers ensure a unit last stride)."""
     mask = token_ok[:, None] & (cols < n_cols)[None, :]
-    offs = tokens[:, None] * stride_t + head * stride_h + cols[None, :] * stride_d
+    offs = tokens[:, None] * stride_t + head * stride_h + cols[None, :]
     if TRANSPOSE:
         mask = token_ok[None, :] & (cols < n_cols)[:, None]
-        offs = tokens[None, :] * stride_t + head * stride_h + cols[:, None] * stride_d
+        offs = tokens[None, :] * stride_t + head * stride_h + cols[:, None]
     return tl.load(ptr + offs, mask=mask, other=0.0)
 
 
@@ -62,8 +63,8 @@ def _visible(offs_m, offs_n, q_len, k_len, CAUSAL: tl.constexpr):
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr,
     batch_size, search_steps, qk_scale, head_dim, head_dim_v,
-    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od, stride_lh,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -76,7 +77,7 @@ def _attention_forward_kernel(
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(q_ptr, q_begin + offs_m, offs_m < q_len, head, offs_d, head_dim, stride_qt, stride_qh, stride_qd, False)
+    q = _load_tile(q_ptr, q_begin + offs_m, offs_m < q_len, head, offs_d, head_dim, stride_qt, stride_qh, False)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -87,7 +88,7 @@ def _attention_forward_kernel(
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < k_len
-        k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, stride_kd, True)
+        k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
         s = tl.where(_visible(offs_m, offs_n, q_len, k_len, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -96,7 +97,7 @@ def _attention_forward_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, stride_vd, False)
+        v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -104,7 +105,7 @@ def _attention_forward_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     tokens = q_begin + offs_m
     o_mask = (offs_m < q_len)[:, None] & (offs_dv < head_dim_v)[None, :]
-    tl.store(o_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_dv[None, :] * stride_od,
+    tl.store(o_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_dv[None, :],
              out.to(o_ptr.dtype.element_ty), mask=o_mask)
     # +inf for a query that saw nothing: the backward's exp2(s - lse) is then exactly 0.
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
@@ -115,8 +116,8 @@ def _attention_forward_kernel(
 def _attention_backward_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
     batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
-    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod, stride_lh,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -132,8 +133,8 @@ def _attention_backward_dkdv_kernel(
     key_ok = offs_n < k_len
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, stride_kd, False)
-    v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, stride_vd, False)
+    k = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, False)
+    v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     start = 0
@@ -142,8 +143,8 @@ def _attention_backward_dkdv_kernel(
     for start_m in range(start, q_len, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         query_ok = offs_m < q_len
-        q_t = _load_tile(q_ptr, q_begin + offs_m, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, stride_qd, True)
-        do = _load_tile(do_ptr, q_begin + offs_m, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, stride_dod, False)
+        q_t = _load_tile(q_ptr, q_begin + offs_m, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, True)
+        do = _load_tile(do_ptr, q_begin + offs_m, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
         lse = tl.load(lse_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=float("inf"))
         delta = tl.load(delta_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=0.0)
         # Transposed scores [N, M]: recompute the probabilities from the saved log-sum-exp.
@@ -155,9 +156,9 @@ def _attention_backward_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
     tokens = k_begin + offs_n
-    tl.store(dk_ptr + tokens[:, None] * stride_kt + head * stride_kh + offs_d[None, :] * stride_kd,
+    tl.store(dk_ptr + tokens[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_d < head_dim)[None, :])
-    tl.store(dv_ptr + tokens[:, None] * stride_vt + head * stride_vh + offs_dv[None, :] * stride_vd,
+    tl.store(dv_ptr + tokens[:, None] * stride_vt + head * stride_vh + offs_dv[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < head_dim_v)[None, :])
 
 
@@ -165,8 +166,8 @@ def _attention_backward_dkdv_kernel(
 def _attention_backward_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr,
     batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
-    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod, stride_lh,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -181,8 +182,8 @@ def _attention_backward_dq_kernel(
     query_ok = offs_m < q_len
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(q_ptr, q_begin + offs_m, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, stride_qd, False)
-    do = _load_tile(do_ptr, q_begin + offs_m, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, stride_dod, False)
+    q = _load_tile(q_ptr, q_begin + offs_m, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, False)
+    do = _load_tile(do_ptr, q_begin + offs_m, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
     lse = tl.load(lse_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=float("inf"))
     delta = tl.load(delta_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -192,21 +193,21 @@ def _attention_backward_dq_kernel(
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < k_len
-        k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, stride_kd, True)
-        v_t = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, stride_vd, True)
+        k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
+        v_t = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, True)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
         p = tl.where(_visible(offs_m, offs_n, q_len, k_len, CAUSAL), tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
-    tl.store(dq_ptr + (q_begin + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
+    tl.store(dq_ptr + (q_begin + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
 
 
 @triton.jit(do_not_specialize=["total_q"])
 def _attention_backward_delta_kernel(
     o_ptr, do_ptr, delta_ptr, total_q, head_dim_v,
-    stride_ot, stride_oh, stride_od, stride_dot, stride_doh, stride_dod, stride_lh,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
     BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # delta_i = rowsum(dO_i * O_i) in float32, the softmax backward's per-query correction.
@@ -214,8 +215,8 @@ def _attention_backward_delta_kernel(
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < total_q
     cols = tl.arange(0, BLOCK_DV)
-    o = _load_tile(o_ptr, tokens, token_ok, head, cols, head_dim_v, stride_ot, stride_oh, stride_od, False)
-    do = _load_tile(do_ptr, tokens, token_ok, head, cols, head_dim_v, stride_dot, stride_doh, stride_dod, False)
+    o = _load_tile(o_ptr, tokens, token_ok, head, cols, head_dim_v, stride_ot, stride_oh, False)
+    do = _load_tile(do_ptr, tokens, token_ok, head, cols, head_dim_v, stride_dot, stride_doh, False)
     tl.store(delta_ptr + head * stride_lh + tokens, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=token_ok)
 
 
@@ -263,7 +264,7 @@ def _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale):
     _attention_forward_kernel[grid](
         q, k, v, out, lse, q_offsets, k_offsets,
         batch_size, binary_search_steps(batch_size), scale * LOG2_E, head_dim, head_dim_v,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], lse.stride(0),
         CAUSAL=causal, PRECISION=_precision(q.dtype), **tiles,
     )
     return out, lse
@@ -279,10 +280,10 @@ def _attention_backward(do, q, k, v, out, lse, q_offsets, k_offsets, causal, sca
     delta = torch.empty_like(lse)
     block_t = 64
     _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), q.shape[1])](
-        out, do, delta, q.shape[0], v.shape[2], *out.stride(), *do.stride(), delta.stride(0),
+        out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
         BLOCK_T=block_t, BLOCK_DV=max(16, next_power_of_2(v.shape[2])))
     common = (batch_size, binary_search_steps(batch_size), scale * LOG2_E, scale, q.shape[2], v.shape[2],
-              *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0))
+              *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *do.stride()[:2], lse.stride(0))
     precision = _precision(q.dtype)
     if k.shape[0]:
         tiles = _tiles("dkdv", q.shape[2], v.shape[2])
@@ -358,7 +359,9 @@ def jagged_flash_attention_values(
     if not use_triton(q):
         return reference.jagged_attention(q, k, v, q_offsets, k_offsets, causal=causal, scale=scale)
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
-    return _JaggedFlashAttention.apply(q, k, v, q_offsets, k_offsets, bool(causal), scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _JaggedFlashAttention.apply(q, k, v, q_offsets, k_offsets, bool(causal), scale)
+    return _attention_forward(q, k, v, q_offsets, k_offsets, bool(causal), scale)[0]  # inference: no autograd node
 
 
 def jagged_flash_attention(q, k, v, *, causal: bool = False, scale: float | None = None):
