@@ -104,14 +104,21 @@ def test_query_with_no_key_gets_zero_and_no_nan():
 
 
 def test_strided_qkv_from_fused_projection():
+    """q, k, v as strided views of one fused tensor: outputs and gradients (which are allocated
+    contiguous) must be right."""
     lengths = [6, 0, 21]
     offsets = make_offsets(lengths)
-    qkv = random_values((sum(lengths), 3, 2, 32), torch.float32)  # q, k, v are strided views
+    qkv = random_values((sum(lengths), 3, 2, 32), torch.float32, requires_grad=True)
     q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
     out = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=True)
     ref = reference.jagged_attention(q.double(), k.double(), v.double(), offsets, offsets, causal=True,
                                      compute_dtype=torch.float64)
     assert_close(out, ref, tol=torch.float32)
+    grad = random_values(out.shape, torch.float32)
+    (g,) = torch.autograd.grad(out, qkv, grad)
+    (g_ref,) = torch.autograd.grad(ref, qkv, grad.double())
+    assert_close(g, g_ref, tol=torch.float32, name="grad qkv")
 
 
 def test_jagged_tensor_api():

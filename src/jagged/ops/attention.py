@@ -112,132 +112,151 @@ def _attention_forward_kernel(
     tl.store(lse_ptr + head * stride_lh + tokens, lse, mask=offs_m < q_len)
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_steps"])
-def _attention_backward_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
+@triton.jit
+def _softmax_correction(o_ptr, do, tokens, token_ok, head, offs_dv, head_dim_v, stride_ot, stride_oh):
+    """delta_i = rowsum(dO_i * O_i) in float32 for a block of queries whose dO is loaded."""
+    o = _load_tile(o_ptr, tokens, token_ok, head, offs_dv, head_dim_v, stride_ot, stride_oh, False)
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+
+@triton.jit
+def _backward_dkdv(
+    slot, head, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
     batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
-    stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_dot, stride_doh, stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # One program per (block of one row's keys, head); it streams over the row's queries.
-    # dK, dV are written with k's and v's strides (they are allocated like them).
-    head = tl.program_id(1).to(tl.int64)
-    row, k_begin, k_len, block = _row_block(k_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_N)
-    if block * BLOCK_N >= k_len:
-        return
-    q_begin = tl.load(q_offsets_ptr + row).to(tl.int64)
-    q_len = tl.load(q_offsets_ptr + row + 1).to(tl.int64) - q_begin
-    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = offs_n < k_len
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, False)
-    v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    start = 0
-    if CAUSAL:  # queries before (first key - row shift) see none of these keys
-        start = tl.maximum(block * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
-    for start_m in range(start, q_len, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        query_ok = offs_m < q_len
-        q_t = _load_tile(q_ptr, q_begin + offs_m, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, True)
-        do = _load_tile(do_ptr, q_begin + offs_m, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
-        lse = tl.load(lse_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=float("inf"))
-        delta = tl.load(delta_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=0.0)
-        # Transposed scores [N, M]: recompute the probabilities from the saved log-sum-exp.
-        s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        p_t = tl.where(tl.trans(_visible(offs_m, offs_n, q_len, k_len, CAUSAL)), p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
-    tokens = k_begin + offs_n
-    tl.store(dk_ptr + tokens[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_d < head_dim)[None, :])
-    tl.store(dv_ptr + tokens[:, None] * stride_vt + head * stride_vh + offs_dv[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < head_dim_v)[None, :])
-
-
-@triton.jit(do_not_specialize=["batch_size", "search_steps"])
-def _attention_backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr,
-    batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
-    stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # One program per (block of one row's queries, head); it streams over the row's keys.
-    head = tl.program_id(1).to(tl.int64)
-    row, q_begin, q_len, block = _row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
-    if block * BLOCK_M >= q_len:
-        return
-    k_begin = tl.load(k_offsets_ptr + row).to(tl.int64)
-    k_len = tl.load(k_offsets_ptr + row + 1).to(tl.int64) - k_begin
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    query_ok = offs_m < q_len
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(q_ptr, q_begin + offs_m, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, False)
-    do = _load_tile(do_ptr, q_begin + offs_m, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
-    lse = tl.load(lse_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + head * stride_lh + q_begin + offs_m, mask=query_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    end_n = k_len
-    if CAUSAL:
-        end_n = tl.minimum(k_len, (block + 1) * BLOCK_M + (k_len - q_len))
-    for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    """dK, dV of one block of one row's keys: stream over the row's queries."""
+    row, k_begin, k_len, block = _row_block(k_offsets_ptr, slot, batch_size, search_steps, BLOCK_N)
+    if block * BLOCK_N < k_len:
+        q_begin = tl.load(q_offsets_ptr + row).to(tl.int64)
+        q_len = tl.load(q_offsets_ptr + row + 1).to(tl.int64) - q_begin
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = offs_n < k_len
-        k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
-        v_t = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, True)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-        p = tl.where(_visible(offs_m, offs_n, q_len, k_len, CAUSAL), tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, v_t, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
-    tl.store(dq_ptr + (q_begin + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        k = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, False)
+        v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        start = 0
+        if CAUSAL:  # queries before (first key - row shift) see none of these keys
+            start = tl.maximum(block * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
+        for start_m in range(start, q_len, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            query_ok = offs_m < q_len
+            tokens = q_begin + offs_m
+            q_t = _load_tile(q_ptr, tokens, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, True)
+            do = _load_tile(do_ptr, tokens, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
+            lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
+            # Recomputed here rather than by a separate kernel: one launch for the whole backward.
+            delta = _softmax_correction(o_ptr, do, tokens, query_ok, head, offs_dv, head_dim_v, stride_ot, stride_oh)
+            # Transposed scores [N, M]: recompute the probabilities from the saved log-sum-exp.
+            s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
+            p_t = tl.math.exp2(s_t - lse[None, :])
+            p_t = tl.where(tl.trans(_visible(offs_m, offs_n, q_len, k_len, CAUSAL)), p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+        tokens = k_begin + offs_n
+        tl.store(dk_ptr + tokens[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+                 (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_d < head_dim)[None, :])
+        tl.store(dv_ptr + tokens[:, None] * stride_dvt + head * stride_dvh + offs_dv[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < head_dim_v)[None, :])
 
 
-@triton.jit(do_not_specialize=["total_q"])
-def _attention_backward_delta_kernel(
-    o_ptr, do_ptr, delta_ptr, total_q, head_dim_v,
-    stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
-    BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
+@triton.jit
+def _backward_dq(
+    slot, head, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr,
+    batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # delta_i = rowsum(dO_i * O_i) in float32, the softmax backward's per-query correction.
+    """dQ of one block of one row's queries: stream over the row's keys."""
+    row, q_begin, q_len, block = _row_block(q_offsets_ptr, slot, batch_size, search_steps, BLOCK_M)
+    if block * BLOCK_M < q_len:
+        k_begin = tl.load(k_offsets_ptr + row).to(tl.int64)
+        k_len = tl.load(k_offsets_ptr + row + 1).to(tl.int64) - k_begin
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        query_ok = offs_m < q_len
+        tokens = q_begin + offs_m
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        q = _load_tile(q_ptr, tokens, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, False)
+        do = _load_tile(do_ptr, tokens, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
+        lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
+        delta = _softmax_correction(o_ptr, do, tokens, query_ok, head, offs_dv, head_dim_v, stride_ot, stride_oh)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        end_n = k_len
+        if CAUSAL:
+            end_n = tl.minimum(k_len, (block + 1) * BLOCK_M + (k_len - q_len))
+        for start_n in range(0, end_n, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < k_len
+            k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
+            v_t = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, True)
+            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+            p = tl.where(_visible(offs_m, offs_n, q_len, k_len, CAUSAL), tl.math.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, v_t, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+        tl.store(dq_ptr + tokens[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+                 (dq * scale).to(dq_ptr.dtype.element_ty), mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
+
+
+@triton.jit(do_not_specialize=["batch_size", "search_steps", "num_kv_slots"])
+def _attention_backward_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
+    batch_size, search_steps, num_kv_slots, qk_scale, scale, head_dim, head_dim_v,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    CAUSAL: tl.constexpr, KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
+    Q_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # The whole backward in one launch (launches dominate short rows): the first num_kv_slots
+    # programs own key blocks (dK, dV), the rest own query blocks (dQ). Each output element is
+    # written by exactly one program, with no atomics: the backward is deterministic.
     head = tl.program_id(1).to(tl.int64)
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_ok = tokens < total_q
-    cols = tl.arange(0, BLOCK_DV)
-    o = _load_tile(o_ptr, tokens, token_ok, head, cols, head_dim_v, stride_ot, stride_oh, False)
-    do = _load_tile(do_ptr, tokens, token_ok, head, cols, head_dim_v, stride_dot, stride_doh, False)
-    tl.store(delta_ptr + head * stride_lh + tokens, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=token_ok)
+    slot = tl.program_id(0).to(tl.int64)
+    if slot < num_kv_slots:
+        _backward_dkdv(slot, head, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dk_ptr, dv_ptr,
+                       q_offsets_ptr, k_offsets_ptr, batch_size, search_steps, qk_scale, scale, head_dim,
+                       head_dim_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_ot, stride_oh, stride_dot, stride_doh, stride_lh, stride_dkt, stride_dkh,
+                       stride_dvt, stride_dvh, CAUSAL, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+    else:
+        _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr,
+                     q_offsets_ptr, k_offsets_ptr, batch_size, search_steps, qk_scale, scale, head_dim,
+                     head_dim_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_ot, stride_oh, stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
+                     CAUSAL, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
 
 
 def _tiles(kernel: str, head_dim: int, head_dim_v: int) -> dict:
-    """Block sizes and warps per kernel ("forward", "dkdv", "dq"). Under the interpreter, 16 x 16
+    """Block sizes and warps per kernel ("forward" or "backward"). Under the interpreter, 16 x 16
     tiles so that small test rows still span several blocks (the multi-block paths are what
     the tests must reach). See benchmarks/NOTES.md for how these were chosen."""
     block_d = max(16, next_power_of_2(head_dim))
     block_dv = max(16, next_power_of_2(head_dim_v))
     dims = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
     if TRITON_INTERPRETER:
+        if kernel == "backward":
+            return dict(KV_BLOCK_M=16, KV_BLOCK_N=16, Q_BLOCK_M=16, Q_BLOCK_N=16, num_warps=4, **dims)
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, **dims)
     wide = max(block_d, block_dv) > 64
     widest = max(block_d, block_dv) > 128
     if kernel == "forward":
         return dict(BLOCK_M=64, BLOCK_N=32 if widest else 64, num_warps=8 if widest else 4,
                     num_stages=2 if widest else 3, **dims)
-    if kernel == "dkdv":  # holds dK, dV accumulators [BLOCK_N, D]: keep the query block small
-        return dict(BLOCK_M=16 if widest else 32, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2, **dims)
-    # dq: holds one accumulator [BLOCK_M, D]
-    return dict(BLOCK_M=64, BLOCK_N=16 if widest else 32, num_warps=8 if wide else 4, num_stages=2, **dims)
+    # backward: dK/dV programs hold two accumulators [KV_BLOCK_N, D], so their query block is
+    # small; dQ programs hold one [Q_BLOCK_M, D]. One kernel, so one warp count for both.
+    return dict(KV_BLOCK_M=16 if widest else 32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=16 if widest else 32,
+                num_warps=8 if wide else 4, num_stages=2, BLOCK_D=block_d, BLOCK_DV=block_dv)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -271,28 +290,22 @@ def _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale):
 
 
 def _attention_backward(do, q, k, v, out, lse, q_offsets, k_offsets, causal, scale):
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    batch_size = q_offsets.numel() - 1
-    if q.shape[0] == 0 or q.shape[1] == 0:  # no query: nothing depends on k or v
+    # Gradients are allocated contiguous (q, k, v may be strided views) and written with their
+    # own strides.
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    batch_size, heads = q_offsets.numel() - 1, q.shape[1]
+    if q.shape[0] == 0 or heads == 0:  # no query: nothing depends on k or v
         return dq, dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
-    block_t = 64
-    _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), q.shape[1])](
-        out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
-        BLOCK_T=block_t, BLOCK_DV=max(16, next_power_of_2(v.shape[2])))
-    common = (batch_size, binary_search_steps(batch_size), scale * LOG2_E, scale, q.shape[2], v.shape[2],
-              *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *do.stride()[:2], lse.stride(0))
-    precision = _precision(q.dtype)
-    if k.shape[0]:
-        tiles = _tiles("dkdv", q.shape[2], v.shape[2])
-        _attention_backward_dkdv_kernel[(batch_size + k.shape[0] // tiles["BLOCK_N"], q.shape[1])](
-            q, k, v, do, lse, delta, dk, dv, q_offsets, k_offsets, *common,
-            CAUSAL=causal, PRECISION=precision, **tiles)
-    tiles = _tiles("dq", q.shape[2], v.shape[2])
-    _attention_backward_dq_kernel[(batch_size + q.shape[0] // tiles["BLOCK_M"], q.shape[1])](
-        q, k, v, do, lse, delta, dq, q_offsets, k_offsets, *common, CAUSAL=causal, PRECISION=precision, **tiles)
+    tiles = _tiles("backward", q.shape[2], v.shape[2])
+    num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
+    num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
+    _attention_backward_kernel[(num_kv_slots + num_q_slots, heads)](
+        q, k, v, out, do, lse, dq, dk, dv, q_offsets, k_offsets,
+        batch_size, binary_search_steps(batch_size), num_kv_slots, scale * LOG2_E, scale, q.shape[2], v.shape[2],
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], *do.stride()[:2], lse.stride(0),
+        *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2],
+        CAUSAL=causal, PRECISION=_precision(q.dtype), **tiles,
+    )
     return dq, dk, dv
 
 
