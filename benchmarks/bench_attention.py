@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,9 @@ class Flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         if Flex.compiled is None:
+            # One compile per shape (the sweep's shapes all differ); allow them all.
+            torch._dynamo.config.recompile_limit = 64
+            warnings.filterwarnings("ignore", message="_compile flag on create_block_mask")
             Flex.compiled = torch.compile(flex_attention, dynamic=False)
         row = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
 

@@ -62,8 +62,7 @@ def main():
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     from jagged.ops import attention
 
-    for fn in (attention._attention_forward_kernel, attention._attention_backward_dkdv_kernel,
-               attention._attention_backward_dq_kernel):
+    for fn in (attention._attention_forward_kernel, attention._attention_backward_kernel):
         for row in compiled_kernels(fn):
             print("kernel %s: regs=%s spills=%s shared=%s warps=%s" % row)
 
