@@ -25,9 +25,6 @@ from ._search import find_row
 from ._utils import TRITON_INTERPRETER, binary_search_steps, check_tensor, next_power_of_2, use_triton
 
 LOG2_E = 1.4426950408889634
-# Backward schedule: "fused" (one launch, delta recomputed per block), "delta" (delta pre-pass
-# + one launch) or "split" (pre-pass + dK/dV launch + dQ launch). Under study: see NOTES.md.
-BACKWARD_MODE = "fused"
 MAX_HEAD_DIM = 256
 
 
@@ -115,41 +112,31 @@ def _attention_forward_kernel(
     tl.store(lse_ptr + head * stride_lh + tokens, lse, mask=offs_m < q_len)
 
 
-@triton.jit
-def _softmax_correction(o_ptr, do, tokens, token_ok, head, offs_dv, head_dim_v, stride_ot, stride_oh,
-                        delta_ptr, stride_lh, DELTA_GIVEN: tl.constexpr):
-    """delta_i = rowsum(dO_i * O_i) in float32 for a block of queries whose dO is loaded: read
-    from delta_ptr when a pre-pass wrote it, else computed here from O."""
-    if DELTA_GIVEN:
-        return tl.load(delta_ptr + head * stride_lh + tokens, mask=token_ok, other=0.0)
-    o = _load_tile(o_ptr, tokens, token_ok, head, offs_dv, head_dim_v, stride_ot, stride_oh, False)
-    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-
-
 @triton.jit(do_not_specialize=["total_q"])
 def _attention_backward_delta_kernel(
     o_ptr, do_ptr, delta_ptr, total_q, head_dim_v, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
     BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # Pre-pass for long rows: delta once per query instead of once per (query, key block).
+    # delta_i = rowsum(dO_i * O_i) in float32, the softmax backward's per-query correction: once
+    # per query here, rather than once per (query, key block) inside the dK/dV loop (which cost
+    # 60% more backward time at L=4096; benchmarks/NOTES.md).
     head = tl.program_id(1).to(tl.int64)
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < total_q
     cols = tl.arange(0, BLOCK_DV)
+    o = _load_tile(o_ptr, tokens, token_ok, head, cols, head_dim_v, stride_ot, stride_oh, False)
     do = _load_tile(do_ptr, tokens, token_ok, head, cols, head_dim_v, stride_dot, stride_doh, False)
-    delta = _softmax_correction(o_ptr, do, tokens, token_ok, head, cols, head_dim_v, stride_ot, stride_oh,
-                                delta_ptr, stride_lh, False)
-    tl.store(delta_ptr + head * stride_lh + tokens, delta, mask=token_ok)
+    tl.store(delta_ptr + head * stride_lh + tokens, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=token_ok)
 
 
 @triton.jit
 def _backward_dkdv(
-    slot, head, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
+    slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
     batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, DELTA_GIVEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of one block of one row's keys: stream over the row's queries."""
     row, k_begin, k_len, block = _row_block(k_offsets_ptr, slot, batch_size, search_steps, BLOCK_N)
@@ -174,9 +161,7 @@ def _backward_dkdv(
             q_t = _load_tile(q_ptr, tokens, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, True)
             do = _load_tile(do_ptr, tokens, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
             lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
-            # Recomputed here rather than by a separate kernel: one launch for the whole backward.
-            delta = _softmax_correction(o_ptr, do, tokens, query_ok, head, offs_dv, head_dim_v, stride_ot, stride_oh,
-                                          delta_ptr, stride_lh, DELTA_GIVEN)
+            delta = tl.load(delta_ptr + head * stride_lh + tokens, mask=query_ok, other=0.0)
             # Transposed scores [N, M]: recompute the probabilities from the saved log-sum-exp.
             s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
             p_t = tl.math.exp2(s_t - lse[None, :])
@@ -194,12 +179,12 @@ def _backward_dkdv(
 
 @triton.jit
 def _backward_dq(
-    slot, head, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr,
+    slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr,
     batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, DELTA_GIVEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ of one block of one row's queries: stream over the row's keys."""
     row, q_begin, q_len, block = _row_block(q_offsets_ptr, slot, batch_size, search_steps, BLOCK_M)
@@ -214,8 +199,7 @@ def _backward_dq(
         q = _load_tile(q_ptr, tokens, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, False)
         do = _load_tile(do_ptr, tokens, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
         lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
-        delta = _softmax_correction(o_ptr, do, tokens, query_ok, head, offs_dv, head_dim_v, stride_ot, stride_oh,
-                                          delta_ptr, stride_lh, DELTA_GIVEN)
+        delta = tl.load(delta_ptr + head * stride_lh + tokens, mask=query_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         end_n = k_len
         if CAUSAL:
@@ -234,34 +218,32 @@ def _backward_dq(
                  (dq * scale).to(dq_ptr.dtype.element_ty), mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_steps", "num_kv_slots", "slot_base"])
+@triton.jit(do_not_specialize=["batch_size", "search_steps", "num_kv_slots"])
 def _attention_backward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
-    batch_size, search_steps, num_kv_slots, slot_base, qk_scale, scale, head_dim, head_dim_v,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
+    batch_size, search_steps, num_kv_slots, qk_scale, scale, head_dim, head_dim_v,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     CAUSAL: tl.constexpr, KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
     Q_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-    DELTA_GIVEN: tl.constexpr,
 ):
-    # Slots [0, num_kv_slots) own key blocks (dK, dV), the rest own query blocks (dQ). One launch
-    # may run all slots (launches dominate short rows) or a range of them (slot_base); each output
-    # element is written by exactly one program, with no atomics: the backward is deterministic.
+    # One launch for dK, dV and dQ (launches dominate short rows): slots [0, num_kv_slots) own key
+    # blocks (dK, dV), the rest own query blocks (dQ). Each output element is written by exactly
+    # one program, with no atomics: the backward is deterministic.
     head = tl.program_id(1).to(tl.int64)
-    slot = tl.program_id(0).to(tl.int64) + slot_base
+    slot = tl.program_id(0).to(tl.int64)
     if slot < num_kv_slots:
-        _backward_dkdv(slot, head, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        _backward_dkdv(slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                        q_offsets_ptr, k_offsets_ptr, batch_size, search_steps, qk_scale, scale, head_dim,
                        head_dim_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                       stride_ot, stride_oh, stride_dot, stride_doh, stride_lh, stride_dkt, stride_dkh,
-                       stride_dvt, stride_dvh, CAUSAL, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION,
-                       DELTA_GIVEN)
+                       stride_dot, stride_doh, stride_lh, stride_dkt, stride_dkh,
+                       stride_dvt, stride_dvh, CAUSAL, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     else:
-        _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+        _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                      q_offsets_ptr, k_offsets_ptr, batch_size, search_steps, qk_scale, scale, head_dim,
                      head_dim_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_ot, stride_oh, stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
-                     CAUSAL, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, DELTA_GIVEN)
+                     stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
+                     CAUSAL, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
 
 
 def _tiles(kernel: str, head_dim: int, head_dim_v: int) -> dict:
@@ -326,24 +308,18 @@ def _attention_backward(do, q, k, v, out, lse, q_offsets, k_offsets, causal, sca
     tiles = _tiles("backward", q.shape[2], v.shape[2])
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
-    mode = BACKWARD_MODE
-    delta = lse  # placeholder pointer when delta is recomputed in place
-    if mode != "fused":
-        delta = torch.empty_like(lse)
-        block_t = 64
-        _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
-            out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
-            BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
-    ranges = [(0, num_kv_slots), (num_kv_slots, num_q_slots)] if mode == "split" else [(0, num_kv_slots + num_q_slots)]
-    for slot_base, num_slots in ranges:
-        _attention_backward_kernel[(num_slots, heads)](
-            q, k, v, out, do, lse, delta, dq, dk, dv, q_offsets, k_offsets,
-            batch_size, binary_search_steps(batch_size), num_kv_slots, slot_base, scale * LOG2_E, scale,
-            q.shape[2], v.shape[2],
-            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], *do.stride()[:2], lse.stride(0),
-            *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2],
-            CAUSAL=causal, PRECISION=_precision(q.dtype), DELTA_GIVEN=mode != "fused", **tiles,
-        )
+    delta = torch.empty_like(lse)
+    block_t = 64
+    _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
+        out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
+        BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
+    _attention_backward_kernel[(num_kv_slots + num_q_slots, heads)](
+        q, k, v, do, lse, delta, dq, dk, dv, q_offsets, k_offsets,
+        batch_size, binary_search_steps(batch_size), num_kv_slots, scale * LOG2_E, scale, q.shape[2], v.shape[2],
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *do.stride()[:2], lse.stride(0),
+        *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2],
+        CAUSAL=causal, PRECISION=_precision(q.dtype), **tiles,
+    )
     return dq, dk, dv
 
 
