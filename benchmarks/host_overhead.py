@@ -40,7 +40,7 @@ def main():
         "forward launcher (2 empty + 1 launch)": lambda: attention._attention_forward(q, k, v, offsets, offsets, False, scale),
         "public forward, no grad": lambda: jagged.jagged_flash_attention_values(q, k, v, offsets, offsets),
         "public forward, with grad": lambda: jagged.jagged_flash_attention_values(qg, kg, vg, offsets, offsets),
-        "backward launcher (4 empty + 3 launches)": lambda: attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale),
+        "backward launcher (4 empty + 2 launches)": lambda: attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale),
         "forward+backward via autograd": lambda: torch.autograd.grad(
             jagged.jagged_flash_attention_values(qg, kg, vg, offsets, offsets), (qg, kg, vg), do),
         "FA2 varlen forward (aten)": lambda: torch.ops.aten._flash_attention_forward(

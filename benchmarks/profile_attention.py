@@ -29,12 +29,9 @@ def main():
     parser.add_argument("--D", type=int, default=64)
     parser.add_argument("--lengths", default="skew")
     parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--mode", choices=["fused", "delta", "split"], help="backward schedule to profile")
     args = parser.parse_args()
     from jagged.ops import attention
 
-    if args.mode:
-        attention.BACKWARD_MODE = args.mode
     qkv, offsets, total, _ = jagged_inputs(args.B, args.max_L, (3, args.H, args.D), torch.bfloat16, args.lengths)
     q, k, v = (x.contiguous().requires_grad_(True) for x in qkv.unbind(1))
     grad = torch.randn_like(q)
@@ -64,7 +61,7 @@ def main():
             step()
         torch.cuda.synchronize()
     print(f"B={args.B} max_L={args.max_L} H={args.H} D={args.D} {args.lengths} causal={args.causal} T={total} "
-          f"backward={attention.BACKWARD_MODE}; 10 steps")
+          "; 10 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     for fn in (attention._attention_forward_kernel, attention._attention_backward_kernel):
         for row in compiled_kernels(fn):
