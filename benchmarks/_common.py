@@ -29,6 +29,15 @@ def random_lengths(batch_size: int, max_len: int, distribution: str, generator: 
     return lengths.clamp_(1, max_len)
 
 
+def add_shape_arguments(parser, batch=256, max_len=256, heads=4, head_dim=64, lengths="skew"):
+    """--B, --max-L, --H, --D, --lengths for scripts that look at one attention shape."""
+    parser.add_argument("--B", type=int, default=batch)
+    parser.add_argument("--max-L", type=int, default=max_len)
+    parser.add_argument("--H", type=int, default=heads)
+    parser.add_argument("--D", type=int, default=head_dim)
+    parser.add_argument("--lengths", default=lengths, choices=["unif", "skew"])
+
+
 def jagged_inputs(batch_size, max_len, feature_shape, dtype, distribution, seed=0):
     """values [T, *feature_shape] (standard normal, never zeros), offsets [B+1] int64, T, and
     the longest row."""

@@ -13,7 +13,7 @@ import torch
 import triton.testing
 
 import jagged
-from _common import jagged_inputs
+from _common import add_shape_arguments, jagged_inputs
 
 
 def wall_us(fn, n=200):
@@ -41,11 +41,7 @@ def graph_us(fn):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--B", type=int, default=256)
-    parser.add_argument("--max-L", type=int, default=256)
-    parser.add_argument("--H", type=int, default=4)
-    parser.add_argument("--D", type=int, default=64)
-    parser.add_argument("--lengths", default="skew")
+    add_shape_arguments(parser)
     args = parser.parse_args()
     qkv, offsets, total, longest = jagged_inputs(args.B, args.max_L, (3, args.H, args.D), torch.bfloat16, args.lengths)
     q, k, v = (x.contiguous().requires_grad_(True) for x in qkv.unbind(1))

@@ -10,7 +10,7 @@ import time
 import torch
 
 import jagged
-from _common import jagged_inputs
+from _common import add_shape_arguments, jagged_inputs
 
 
 def compiled_kernels(fn):
@@ -23,11 +23,7 @@ def compiled_kernels(fn):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--B", type=int, default=256)
-    parser.add_argument("--max-L", type=int, default=256)
-    parser.add_argument("--H", type=int, default=4)
-    parser.add_argument("--D", type=int, default=64)
-    parser.add_argument("--lengths", default="skew")
+    add_shape_arguments(parser)
     parser.add_argument("--causal", action="store_true")
     args = parser.parse_args()
     from jagged.ops import attention
