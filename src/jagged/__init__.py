@@ -6,12 +6,15 @@ Public API:
 - conversions: :func:`jagged_to_padded_dense`, :func:`dense_to_jagged`
 - attention: :func:`jagged_flash_attention`, :func:`jagged_flash_attention_values`,
   :class:`jagged.nn.JaggedMultiheadAttention`
+- pooling and softmax over rows: :func:`jagged_sum`, :func:`jagged_mean`, :func:`jagged_softmax`
 - :mod:`jagged.reference`: plain-PyTorch reference implementations of every op
 """
 
 from . import nn, reference
 from .ops.attention import jagged_flash_attention, jagged_flash_attention_values
 from .ops.conversions import dense_to_jagged, jagged_to_padded_dense
+from .ops.pooling import jagged_mean, jagged_sum
+from .ops.softmax import jagged_softmax
 from .tensor import JaggedTensor, lengths_to_offsets
 
 __version__ = "0.1.0"
@@ -21,6 +24,9 @@ __all__ = [
     "dense_to_jagged",
     "jagged_flash_attention",
     "jagged_flash_attention_values",
+    "jagged_mean",
+    "jagged_softmax",
+    "jagged_sum",
     "jagged_to_padded_dense",
     "lengths_to_offsets",
     "nn",

@@ -82,3 +82,27 @@ def jagged_attention(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = (probs @ vd).transpose(1, 2)  # [B, Lq, H, Dv]
     return dense_to_jagged(out, q_offsets, q.shape[0]).to(q.dtype)
+
+
+def _row_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 sums over each row's positions, ``[B, *F]``."""
+    rows, _ = _row_and_position(offsets, values.shape[0])
+    zeros = torch.zeros((offsets.numel() - 1, *values.shape[1:]), dtype=torch.float32, device=values.device)
+    return zeros.index_add(0, rows, values.float())
+
+
+def jagged_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """values ``[T, *F]`` -> ``[B, *F]``: sum over each row (0 for an empty row)."""
+    return _row_sums(values, offsets).to(values.dtype)
+
+
+def jagged_mean(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """values ``[T, *F]`` -> ``[B, *F]``: mean over each row (0 for an empty row)."""
+    lengths = offsets.diff().clamp(min=1).to(torch.float32)
+    return (_row_sums(values, offsets) / lengths.view(-1, *[1] * (values.dim() - 1))).to(values.dtype)
+
+
+def jagged_softmax(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """values ``[T, *F]`` -> ``[T, *F]``: softmax over each row's positions, per column."""
+    rows = values.split(offsets.diff().tolist())
+    return torch.cat([torch.softmax(r.float(), dim=0) for r in rows]).to(values.dtype) if rows else values.clone()

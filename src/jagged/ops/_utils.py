@@ -125,5 +125,9 @@ def memory_tile(feature_dim: int, element_size: int, tile_bytes: int = 16384) ->
     contiguous rows), and the row block brings a tile to about ``tile_bytes``.
     """
     block_d = min(next_power_of_2(feature_dim), 256)
+    if TRITON_INTERPRETER:
+        # Tiny tiles, so that the small inputs of CPU tests still span several programs, several
+        # feature blocks and several loop iterations: the paths that indexing bugs hide in.
+        return 4, min(block_d, 4)
     block_rows = max(1, min(256, tile_bytes // (block_d * element_size)))
     return next_power_of_2(block_rows), block_d

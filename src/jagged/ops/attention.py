@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._search import find_row
+from ._rows import find_row, row_span
 from ._utils import TRITON_INTERPRETER, binary_search_steps, check_tensor, next_power_of_2, use_triton
 
 LOG2_E = 1.4426950408889634
@@ -29,18 +29,11 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _row_span(offsets_ptr, row):
-    """Begin and length (int64) of a row."""
-    begin = tl.load(offsets_ptr + row).to(tl.int64)
-    return begin, tl.load(offsets_ptr + row + 1).to(tl.int64) - begin
-
-
-@triton.jit
 def _row_block(offsets_ptr, slot, batch_size, search_steps, BLOCK: tl.constexpr):
     """The row that work slot ``slot`` falls in, the row's begin and length, and the index of
     the slot's block in that row (>= the row's block count for a spare slot)."""
     row = find_row(offsets_ptr, slot, batch_size, search_steps, BLOCK)
-    begin, length = _row_span(offsets_ptr, row)
+    begin, length = row_span(offsets_ptr, row)
     return row, begin, length, slot - (begin // BLOCK + row)
 
 
@@ -78,7 +71,7 @@ def _attention_forward_kernel(
     row, q_begin, q_len, block = _row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
     if block * BLOCK_M >= q_len:
         return
-    k_begin, k_len = _row_span(k_offsets_ptr, row)
+    k_begin, k_len = row_span(k_offsets_ptr, row)
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -146,7 +139,7 @@ def _backward_dkdv(
     """dK, dV of one block of one row's keys: stream over the row's queries."""
     row, k_begin, k_len, block = _row_block(k_offsets_ptr, slot, batch_size, search_steps, BLOCK_N)
     if block * BLOCK_N < k_len:
-        q_begin, q_len = _row_span(q_offsets_ptr, row)
+        q_begin, q_len = row_span(q_offsets_ptr, row)
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = offs_n < k_len
         offs_d = tl.arange(0, BLOCK_D)
@@ -193,7 +186,7 @@ def _backward_dq(
     """dQ of one block of one row's queries: stream over the row's keys."""
     row, q_begin, q_len, block = _row_block(q_offsets_ptr, slot, batch_size, search_steps, BLOCK_M)
     if block * BLOCK_M < q_len:
-        k_begin, k_len = _row_span(k_offsets_ptr, row)
+        k_begin, k_len = row_span(k_offsets_ptr, row)
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         query_ok = offs_m < q_len
         tokens = q_begin + offs_m

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._search import find_row
+from ._rows import find_row
 from ._utils import (
     binary_search_steps,
     cdiv,

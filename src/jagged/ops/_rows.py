@@ -1,4 +1,5 @@
-"""Triton helper shared by kernels: find the jagged row of a token or of a work slot."""
+"""Triton helpers shared by kernels: where a jagged row lies, which row a token or work slot
+belongs to, and loading a chunk of a row."""
 
 import triton
 import triton.language as tl
@@ -26,3 +27,21 @@ def find_row(offsets_ptr, target, batch_size, search_steps, SLOT_BLOCK: tl.const
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid)
     return lo
+
+
+@triton.jit
+def row_span(offsets_ptr, row):
+    """Begin and length (int64) of a row."""
+    begin = tl.load(offsets_ptr + row).to(tl.int64)
+    return begin, tl.load(offsets_ptr + row + 1).to(tl.int64) - begin
+
+
+@triton.jit
+def load_row_chunk(ptr, begin, start, length, cols, col_ok, stride_t, other, BLOCK_T: tl.constexpr):
+    """Tokens [start, start + BLOCK_T) of a row (masked to the row) x feature columns ``cols``
+    (unit stride), as float32; ``other`` outside. Returns the tile and its row mask."""
+    pos = start + tl.arange(0, BLOCK_T)
+    in_row = pos < length
+    tile = tl.load(ptr + (begin + pos)[:, None] * stride_t + cols[None, :],
+                   mask=in_row[:, None] & col_ok[None, :], other=other)
+    return tile.to(tl.float32), in_row

@@ -1,0 +1,117 @@
+"""Jagged pooling: per-row sum and mean -> dense ``[B, *F]``. Triton kernel, autograd, public API.
+
+The backward broadcasts each row's gradient to the row's positions; that is ``dense_to_jagged``
+of the gradient expanded (stride 0) along a length axis, so it reuses that kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._rows import load_row_chunk, row_span
+from ._utils import cdiv, check_tensor, flatten_features, memory_tile, use_triton
+from .conversions import _launch_dense_to_jagged
+
+
+@triton.jit
+def _jagged_pool_kernel(
+    values_ptr, offsets_ptr, out_ptr, feature_dim, stride_vt, stride_ob,
+    MEAN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (row, block of features); it walks the row in BLOCK_T-token chunks,
+    # accumulating a [BLOCK_T, BLOCK_D] float32 tile (independent adds) reduced once at the end.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < feature_dim
+    begin, length = row_span(offsets_ptr, row)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for start in range(0, length, BLOCK_T):
+        tile, _ = load_row_chunk(values_ptr, begin, start, length, cols, col_ok, stride_vt, 0.0, BLOCK_T)
+        acc += tile
+    total = tl.sum(acc, 0)
+    if MEAN:  # an empty row's mean is 0, like its sum
+        total = total / tl.maximum(length, 1).to(tl.float32)
+    tl.store(out_ptr + row * stride_ob + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _launch_pool(values2d, offsets, mean):
+    batch_size = offsets.numel() - 1
+    feature_dim = values2d.shape[1]
+    out = torch.empty((batch_size, feature_dim), dtype=values2d.dtype, device=values2d.device)
+    if out.numel() == 0:
+        return out
+    block_t, block_d = memory_tile(feature_dim, values2d.element_size())
+    _jagged_pool_kernel[(batch_size, cdiv(feature_dim, block_d))](
+        values2d, offsets, out, feature_dim, values2d.stride(0), out.stride(0),
+        MEAN=mean, BLOCK_T=block_t, BLOCK_D=block_d,
+    )
+    return out
+
+
+class _JaggedPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values2d, offsets, mean):
+        ctx.save_for_backward(offsets)
+        ctx.total_len, ctx.mean = values2d.shape[0], mean
+        return _launch_pool(values2d, offsets, mean)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (offsets,) = ctx.saved_tensors
+        if ctx.mean:
+            lengths = offsets.diff().clamp(min=1).to(torch.float32)
+            grad_out = (grad_out.float() / lengths[:, None]).to(grad_out.dtype)
+        # Row b's gradient at each of its positions: a stride-0 "dense" [B, T, D] view, long
+        # enough for any row, gathered by the dense_to_jagged kernel.
+        expanded = grad_out[:, None, :].expand(grad_out.shape[0], max(ctx.total_len, 1), grad_out.shape[1])
+        return _launch_dense_to_jagged(expanded, offsets, ctx.total_len), None, None
+
+
+def _pool(x, mean: bool, name: str) -> torch.Tensor:
+    from ..tensor import JaggedTensor
+
+    if not isinstance(x, JaggedTensor):
+        raise TypeError(f"x must be a jagged.JaggedTensor, got {type(x).__name__}")
+    check_tensor(x.values, "x.values")
+    if not x.values.is_floating_point():
+        raise ValueError(f"{name} needs floating-point values, got {x.dtype}")
+    if x.values.dim() < 2:
+        raise ValueError(f"x.values must be [T, *F] with at least one feature dim, got shape {tuple(x.values.shape)}")
+    if not use_triton(x.values):
+        fn = reference.jagged_mean if mean else reference.jagged_sum
+        return fn(x.values, x.offsets)
+    values2d, feature_shape = flatten_features(x.values, 1)
+    if values2d.stride(1) != 1:
+        values2d = values2d.contiguous()
+    return _JaggedPool.apply(values2d, x.offsets, mean).view(x.batch_size, *feature_shape)
+
+
+def jagged_sum(x) -> torch.Tensor:
+    """Sum over each row's positions.
+
+    Args:
+        x: :class:`jagged.JaggedTensor` with floating values ``[T, *F]`` (F at least one dim).
+
+    Returns:
+        ``[B, *F]`` in x's dtype (accumulated in float32); an empty row gives 0. Differentiable
+        w.r.t. ``x.values`` (each position receives its row's gradient).
+
+    Raises:
+        TypeError if x is not a JaggedTensor; ValueError for non-float or 1-D values.
+
+    Example::
+
+        >>> x = jagged.JaggedTensor.from_list([torch.ones(2, 3), torch.ones(0, 3), torch.ones(4, 3)])
+        >>> jagged.jagged_sum(x)[:, 0]
+        tensor([2., 0., 4.])
+    """
+    return _pool(x, False, "jagged_sum")
+
+
+def jagged_mean(x) -> torch.Tensor:
+    """Mean over each row's positions: like :func:`jagged_sum`, divided by the row's length (an
+    empty row gives 0, not NaN). Differentiable w.r.t. ``x.values``."""
+    return _pool(x, True, "jagged_mean")

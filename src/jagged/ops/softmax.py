@@ -1,0 +1,134 @@
+"""Jagged softmax: softmax over each row's positions, per feature column. Triton forward and
+backward kernels, autograd, public API."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._rows import load_row_chunk, row_span
+from ._utils import cdiv, check_tensor, flatten_features, memory_tile, use_triton
+
+
+@triton.jit
+def _jagged_softmax_forward_kernel(
+    x_ptr, offsets_ptr, y_ptr, feature_dim, stride_xt, stride_yt,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (row, block of columns). Pass 1: running max and rescaled sum of exponents
+    # (online softmax, one read). Pass 2: normalise and write (the second read mostly hits L2).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < feature_dim
+    begin, length = row_span(offsets_ptr, row)
+    m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, length, BLOCK_T):
+        x, _ = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        # A column of -inf so far keeps m = -inf: shift by 0 to avoid inf - inf. A column that is
+        # all -inf ends with s = 0 and gives 0/0 = NaN, as torch.softmax does.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[None, :]), 0)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    for start in range(0, length, BLOCK_T):
+        x, in_row = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
+        y = tl.exp(x - m_safe[None, :]) / s[None, :]
+        tokens = begin + start + tl.arange(0, BLOCK_T)
+        tl.store(y_ptr + tokens[:, None] * stride_yt + cols[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=in_row[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _jagged_softmax_backward_kernel(
+    y_ptr, dy_ptr, offsets_ptr, dx_ptr, feature_dim, stride_yt, stride_dyt, stride_dxt,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # dx = y * (dy - sum_row(dy * y)), per column: pass 1 the sum, pass 2 the gradient.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < feature_dim
+    begin, length = row_span(offsets_ptr, row)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for start in range(0, length, BLOCK_T):
+        y, _ = load_row_chunk(y_ptr, begin, start, length, cols, col_ok, stride_yt, 0.0, BLOCK_T)
+        dy, _ = load_row_chunk(dy_ptr, begin, start, length, cols, col_ok, stride_dyt, 0.0, BLOCK_T)
+        acc += y * dy
+    dot = tl.sum(acc, 0)
+    for start in range(0, length, BLOCK_T):
+        y, in_row = load_row_chunk(y_ptr, begin, start, length, cols, col_ok, stride_yt, 0.0, BLOCK_T)
+        dy, _ = load_row_chunk(dy_ptr, begin, start, length, cols, col_ok, stride_dyt, 0.0, BLOCK_T)
+        tokens = begin + start + tl.arange(0, BLOCK_T)
+        tl.store(dx_ptr + tokens[:, None] * stride_dxt + cols[None, :],
+                 (y * (dy - dot[None, :])).to(dx_ptr.dtype.element_ty), mask=in_row[:, None] & col_ok[None, :])
+
+
+def _grid_and_tiles(offsets, values2d):
+    block_t, block_d = memory_tile(values2d.shape[1], values2d.element_size(), tile_bytes=8192)
+    return (offsets.numel() - 1, cdiv(values2d.shape[1], block_d)), dict(BLOCK_T=block_t, BLOCK_D=block_d)
+
+
+def _unit_column_stride(x):
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+class _JaggedSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, offsets):
+        y = torch.empty((x2d.shape[0], x2d.shape[1]), dtype=x2d.dtype, device=x2d.device)
+        if y.numel():
+            grid, tiles = _grid_and_tiles(offsets, x2d)
+            _jagged_softmax_forward_kernel[grid](x2d, offsets, y, x2d.shape[1], x2d.stride(0), y.stride(0), **tiles)
+        ctx.save_for_backward(y, offsets)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, offsets = ctx.saved_tensors
+        dy = _unit_column_stride(dy)
+        dx = torch.empty_like(y)
+        if dx.numel():
+            grid, tiles = _grid_and_tiles(offsets, y)
+            _jagged_softmax_backward_kernel[grid](y, dy, offsets, dx, y.shape[1], y.stride(0), dy.stride(0),
+                                                  dx.stride(0), **tiles)
+        return dx, None
+
+
+def jagged_softmax(x):
+    """Softmax over the positions of each row, separately for every feature column.
+
+    Args:
+        x: :class:`jagged.JaggedTensor` with floating values ``[T, *F]`` (F at least one dim).
+
+    Returns:
+        JaggedTensor with x's offsets and values ``[T, *F]`` in x's dtype (computed in float32):
+        within each row and column the values are positive and sum to 1. Empty rows stay empty.
+        A column that is -inf throughout a row gives NaN there, as ``torch.softmax`` does; NaN
+        inputs propagate. Differentiable w.r.t. ``x.values``.
+
+    Raises:
+        TypeError if x is not a JaggedTensor; ValueError for non-float or 1-D values.
+
+    Example::
+
+        >>> x = jagged.JaggedTensor.from_list([torch.zeros(2, 1), torch.zeros(4, 1)])
+        >>> jagged.jagged_softmax(x).values[:, 0]
+        tensor([0.5000, 0.5000, 0.2500, 0.2500, 0.2500, 0.2500])
+    """
+    from ..tensor import JaggedTensor
+
+    if not isinstance(x, JaggedTensor):
+        raise TypeError(f"x must be a jagged.JaggedTensor, got {type(x).__name__}")
+    check_tensor(x.values, "x.values")
+    if not x.values.is_floating_point():
+        raise ValueError(f"jagged_softmax needs floating-point values, got {x.dtype}")
+    if x.values.dim() < 2:
+        raise ValueError(f"x.values must be [T, *F] with at least one feature dim, got shape {tuple(x.values.shape)}")
+    if not use_triton(x.values):
+        return x.with_values(reference.jagged_softmax(x.values, x.offsets))
+    x2d, feature_shape = flatten_features(x.values, 1)
+    y = _JaggedSoftmax.apply(_unit_column_stride(x2d), x.offsets)
+    return x.with_values(y.view(x.total_len, *feature_shape))

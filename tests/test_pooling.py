@@ -1,0 +1,70 @@
+"""jagged_sum / jagged_mean: kernels against the reference, forward and gradients."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jagged
+from jagged import JaggedTensor, reference
+from helpers import DEVICE, FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, assert_close, lengths_strategy, make_offsets, random_values
+
+OPS = {"sum": (jagged.jagged_sum, reference.jagged_sum), "mean": (jagged.jagged_mean, reference.jagged_mean)}
+
+
+def check_pool(op, lengths, feature_shape, dtype, offsets_dtype=torch.int64):
+    fn, ref_fn = OPS[op]
+    x = JaggedTensor(random_values((sum(lengths), *feature_shape), dtype, requires_grad=True),
+                     make_offsets(lengths, offsets_dtype))
+    out = fn(x)
+    ref = ref_fn(x.values.double(), x.offsets)
+    assert out.shape == (len(lengths), *feature_shape) and out.dtype == dtype
+    assert_close(out, ref, tol=dtype)
+    grad = random_values(out.shape, dtype)
+    (g,) = torch.autograd.grad(out, x.values, grad)
+    (g_ref,) = torch.autograd.grad(ref, x.values, grad.double())
+    assert_close(g, g_ref, tol=dtype, name="grad values")
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("lengths", list(LENGTH_PATTERNS.values()), ids=list(LENGTH_PATTERNS))
+@pytest.mark.parametrize("feature_shape", [(1,), (5,), (2, 3)], ids=str)
+def test_pool_patterns(op, lengths, feature_shape):
+    check_pool(op, lengths, feature_shape, torch.float32)
+
+
+@given(op=st.sampled_from(list(OPS)), lengths=lengths_strategy(max_len=30),
+       feature_dim=st.sampled_from([1, 3, 8, 17]), dtype=st.sampled_from(FLOAT_DTYPES),
+       offsets_dtype=st.sampled_from([torch.int32, torch.int64]))
+def test_pool_property(op, lengths, feature_dim, dtype, offsets_dtype):
+    check_pool(op, lengths, (feature_dim,), dtype, offsets_dtype)
+
+
+def test_empty_row_gives_zero():
+    x = JaggedTensor(random_values((4, 3), torch.float32), make_offsets([0, 4, 0]))
+    for fn in (jagged.jagged_sum, jagged.jagged_mean):
+        out = fn(x)
+        assert torch.equal(out[0], torch.zeros(3, device=DEVICE)) and torch.equal(out[2], out[0])
+
+
+def test_strided_values():
+    base = random_values((6, 10), torch.float32)
+    x = JaggedTensor(base.t(), make_offsets([4, 0, 6]))  # [10, 6], column stride 10
+    assert_close(jagged.jagged_sum(x), reference.jagged_sum(x.values.double(), x.offsets), tol=torch.float32)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="x must be a jagged.JaggedTensor"):
+        jagged.jagged_sum(random_values((3, 2), torch.float32))
+    with pytest.raises(ValueError, match="floating-point"):
+        jagged.jagged_mean(JaggedTensor(torch.arange(3, device=DEVICE)[:, None], make_offsets([3])))
+    with pytest.raises(ValueError, match="at least one feature dim"):
+        jagged.jagged_sum(JaggedTensor(random_values((3,), torch.float32), make_offsets([3])))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="sizes for the GPU")
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_gpu_large(op, dtype):
+    lengths = torch.randint(0, 600, (500,)).tolist() + [5000, 0]
+    check_pool(op, lengths, (200,), dtype)

@@ -1,0 +1,70 @@
+"""jagged_softmax: kernels against the reference, forward and gradients, numerics."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jagged
+from jagged import JaggedTensor, reference
+from helpers import DEVICE, FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, assert_close, lengths_strategy, make_offsets, random_values
+
+
+def check_softmax(lengths, feature_shape, dtype, offsets_dtype=torch.int64, scale=1.0):
+    values = (random_values((sum(lengths), *feature_shape), torch.float32) * scale).to(dtype).requires_grad_(True)
+    x = JaggedTensor(values, make_offsets(lengths, offsets_dtype))
+    out = jagged.jagged_softmax(x)
+    ref = reference.jagged_softmax(values.double(), x.offsets)
+    assert out.offsets is x.offsets and out.values.dtype == dtype
+    assert_close(out.values, ref, tol=dtype)
+    grad = random_values(values.shape, dtype)
+    (g,) = torch.autograd.grad(out.values, values, grad)
+    (g_ref,) = torch.autograd.grad(ref, values, grad.double())
+    assert_close(g, g_ref, tol=dtype, name="grad values")
+
+
+@pytest.mark.parametrize("lengths", list(LENGTH_PATTERNS.values()), ids=list(LENGTH_PATTERNS))
+@pytest.mark.parametrize("feature_shape", [(1,), (6,), (2, 3)], ids=str)
+def test_softmax_patterns(lengths, feature_shape):
+    check_softmax(lengths, feature_shape, torch.float32)
+
+
+@given(lengths=lengths_strategy(max_len=30), feature_dim=st.sampled_from([1, 4, 9]),
+       dtype=st.sampled_from(FLOAT_DTYPES), offsets_dtype=st.sampled_from([torch.int32, torch.int64]),
+       scale=st.sampled_from([1.0, 10.0]))
+def test_softmax_property(lengths, feature_dim, dtype, offsets_dtype, scale):
+    check_softmax(lengths, (feature_dim,), dtype, offsets_dtype, scale)
+
+
+def test_rows_sum_to_one_and_large_equal_values_are_stable():
+    values = torch.full((7, 3), 1e4, device=DEVICE)
+    out = jagged.jagged_softmax(JaggedTensor(values, make_offsets([3, 4])))
+    expected = torch.tensor([1 / 3] * 3 + [1 / 4] * 4, device=DEVICE)[:, None].expand(7, 3)
+    assert_close(out.values, expected, tol=torch.float32)
+
+
+def test_infinities_and_nan_propagate_like_torch():
+    values = random_values((5, 3), torch.float32)
+    values[0:2, 0] = float("-inf")     # row 0, column 0 all -inf -> NaN, as torch.softmax
+    values[2, 1] = float("-inf")       # one -inf in row 1 -> weight 0 there
+    values[3, 2] = float("nan")        # NaN in row 1, column 2 -> that column NaN
+    x = JaggedTensor(values, make_offsets([2, 3]))
+    out = jagged.jagged_softmax(x).values
+    expected = torch.cat([torch.softmax(values[:2], 0), torch.softmax(values[2:], 0)])
+    assert torch.equal(out.isnan(), expected.isnan())
+    ok = ~expected.isnan()
+    assert_close(out[ok], expected[ok], tol=torch.float32)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="x must be a jagged.JaggedTensor"):
+        jagged.jagged_softmax(random_values((3, 2), torch.float32))
+    with pytest.raises(ValueError, match="floating-point"):
+        jagged.jagged_softmax(JaggedTensor(torch.arange(3, device=DEVICE)[:, None], make_offsets([3])))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="sizes for the GPU")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_gpu_large(dtype):
+    lengths = torch.randint(0, 600, (500,)).tolist() + [5000, 0]
+    check_softmax(lengths, (200,), dtype)
