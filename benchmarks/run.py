@@ -14,9 +14,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_attention  # noqa: E402
 import bench_conversions  # noqa: E402
+import bench_ops  # noqa: E402
 from _common import ON_GPU, environment  # noqa: E402
 
-BENCHMARKS = {"attention": bench_attention, "conversions": bench_conversions}
+BENCHMARKS = {"attention": bench_attention, "conversions": bench_conversions, "ops": bench_ops}
 
 
 def main(argv=None):

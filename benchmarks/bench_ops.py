@@ -1,0 +1,109 @@
+"""Benchmark jagged pooling and softmax against what a user would otherwise run.
+
+Methods, on the same jagged inputs:
+- jagged: this library (jagged_sum, jagged_mean, jagged_softmax);
+- segment_reduce: torch.segment_reduce with offsets (sum, mean), the strongest shipped peer;
+- padded: pad -> torch op with a length mask -> (unpad), as a user without this library writes it.
+
+GB/s counts bytes read + written once: pooling reads T*D and writes B*D; softmax reads and
+writes T*D.
+
+    python benchmarks/bench_ops.py [--quick] [--out results]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import jagged
+from _common import (DEVICE, ON_GPU, bench, jagged_inputs, length_mask, padded_to_dense, padded_to_jagged,
+                     peak_memory_mib, print_table, save)
+
+GPU_CASES = [(1024, 512, 128), (256, 1024, 256)]
+CPU_CASES = [(8, 32, 16)]
+
+
+def padded_pool(values, offsets, max_len, mean):
+    total = padded_to_dense(values, offsets, max_len).float().sum(1)
+    if mean:
+        total = total / offsets.diff().clamp(min=1)[:, None]
+    return total.to(values.dtype)
+
+
+def padded_softmax(values, offsets, max_len):
+    dense = padded_to_dense(values, offsets, max_len)
+    dense = dense.masked_fill(~length_mask(offsets, max_len)[..., None], float("-inf"))
+    return padded_to_jagged(torch.softmax(dense.float(), dim=1).to(values.dtype), offsets)
+
+
+def methods(op, offsets, max_len):
+    jt = lambda v: jagged.JaggedTensor(v, offsets, max_len=max_len, validate=False)  # noqa: E731
+    if op == "softmax":
+        return {"jagged": lambda v: jagged.jagged_softmax(jt(v)).values,
+                "padded": lambda v: padded_softmax(v, offsets, max_len)}
+    mean = op == "mean"
+    return {"jagged": lambda v: (jagged.jagged_mean if mean else jagged.jagged_sum)(jt(v)),
+            "segment_reduce": lambda v: torch.segment_reduce(v, op, offsets=offsets, axis=0, initial=0),
+            "padded": lambda v: padded_pool(v, offsets, max_len, mean)}
+
+
+def run(quick=False, out_dir="results"):
+    cases = CPU_CASES if not ON_GPU else GPU_CASES[:1] if quick else GPU_CASES
+    dtypes = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
+    rows = []
+    for batch_size, max_len, feature_dim in cases:
+        for dtype in dtypes:
+            for distribution in ("unif", "skew"):
+                values, offsets, total_len, _ = jagged_inputs(batch_size, max_len, feature_dim, dtype, distribution)
+                case = {"B": batch_size, "max_L": max_len, "D": feature_dim, "dtype": str(dtype).replace("torch.", ""),
+                        "lengths": distribution, "fill": round(total_len / (batch_size * max_len), 2)}
+                e = values.element_size()
+                for op in ("sum", "mean", "softmax"):
+                    nbytes = (2 * total_len if op == "softmax" else total_len + batch_size) * feature_dim * e
+                    for name, fn in methods(op, offsets, max_len).items():
+                        leaf = values.detach().requires_grad_(True)
+                        out = fn(leaf)
+                        grad = torch.randn_like(out)
+                        row = {"op": op, **case, "method": name, "fwd_ms": bench(lambda: fn(values))}
+                        row["fwd_GBps"] = nbytes / row["fwd_ms"] / 1e6
+                        try:
+                            row["fwd_bwd_ms"] = bench(lambda: torch.autograd.grad(fn(leaf), leaf, grad))
+                        except (RuntimeError, NotImplementedError):
+                            row["fwd_bwd_ms"] = None
+                        row["peak_MiB"] = peak_memory_mib(lambda: fn(values))
+                        rows.append(row)
+    save(rows, "ops", out_dir)
+    return rows
+
+
+def summarise(rows):
+    keys = ("op", "B", "max_L", "D", "dtype", "lengths", "fill")
+    table = []
+    for key in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
+        by = {r["method"]: r for r in rows if tuple(r[k] for k in keys) == key}
+        ours = by["jagged"]
+        line = dict(zip(keys, key))
+        for name, r in by.items():
+            line[f"{name} GB/s"] = r["fwd_GBps"]
+        for name, r in by.items():
+            if name != "jagged":
+                line[f"{name}/ours"] = r["fwd_ms"] / ours["fwd_ms"]
+                if r["fwd_bwd_ms"] and ours["fwd_bwd_ms"]:
+                    line[f"f+b {name}/ours"] = r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+        table.append(line)
+    print_table(table, list(dict.fromkeys(c for line in table for c in line)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--out", default="results", help="folder for JSON results")
+    args = parser.parse_args(argv)
+    print(f"jagged pooling and softmax on {DEVICE.type.upper()}" + ("" if ON_GPU else " (no GPU: toy sizes, reference path)"))
+    summarise(run(args.quick, args.out))
+
+
+if __name__ == "__main__":
+    main()
