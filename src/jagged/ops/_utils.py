@@ -118,13 +118,15 @@ def flatten_features(x: torch.Tensor, leading: int) -> tuple[torch.Tensor, tuple
     return x.reshape(*lead_shape, math.prod(feature_shape)), feature_shape
 
 
-def memory_tile(feature_dim: int, element_size: int, tile_bytes: int = 16384) -> tuple[int, int]:
-    """Block sizes (rows, features) for a memory-bound copy of ``[*, feature_dim]`` rows.
+def memory_tile(feature_dim: int, element_size: int, tile_bytes: int = 16384,
+                max_block_d: int = 256) -> tuple[int, int]:
+    """Block sizes (rows, features) for a memory-bound pass over ``[*, feature_dim]`` rows.
 
-    The feature block covers the whole row up to 256 elements (so one program moves whole,
-    contiguous rows), and the row block brings a tile to about ``tile_bytes``.
+    The feature block covers the row up to ``max_block_d`` elements (so one program moves whole,
+    contiguous rows), and the row block brings a tile to about ``tile_bytes``. Kernels that walk
+    a whole row per program pass a smaller ``max_block_d`` to get more programs.
     """
-    block_d = min(next_power_of_2(feature_dim), 256)
+    block_d = min(next_power_of_2(feature_dim), max_block_d)
     if TRITON_INTERPRETER:
         # Tiny tiles, so that the small inputs of CPU tests still span several programs, several
         # feature blocks and several loop iterations: the paths that indexing bugs hide in.

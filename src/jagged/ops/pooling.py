@@ -43,7 +43,8 @@ def _launch_pool(values2d, offsets, mean):
     out = torch.empty((batch_size, feature_dim), dtype=values2d.dtype, device=values2d.device)
     if out.numel() == 0:
         return out
-    block_t, block_d = memory_tile(feature_dim, values2d.element_size())
+    # A program walks a whole row: 64-column blocks give B * D / 64 programs to fill the GPU.
+    block_t, block_d = memory_tile(feature_dim, values2d.element_size(), tile_bytes=8192, max_block_d=64)
     _jagged_pool_kernel[(batch_size, cdiv(feature_dim, block_d))](
         values2d, offsets, out, feature_dim, values2d.stride(0), out.stride(0),
         MEAN=mean, BLOCK_T=block_t, BLOCK_D=block_d,

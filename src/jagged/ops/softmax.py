@@ -67,7 +67,8 @@ def _jagged_softmax_backward_kernel(
 
 
 def _grid_and_tiles(offsets, values2d):
-    block_t, block_d = memory_tile(values2d.shape[1], values2d.element_size(), tile_bytes=8192)
+    # A program walks a whole row (twice): 64-column blocks give B * D / 64 programs.
+    block_t, block_d = memory_tile(values2d.shape[1], values2d.element_size(), tile_bytes=8192, max_block_d=64)
     return (offsets.numel() - 1, cdiv(values2d.shape[1], block_d)), dict(BLOCK_T=block_t, BLOCK_D=block_d)
 
 
