@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -138,3 +139,16 @@ def save(rows: list[dict], name: str, out_dir: str | os.PathLike) -> Path:
         for row in rows:
             f.write(json.dumps({**env, **row}) + "\n")
     return out / f"{name}.json"
+
+
+def bench_main(doc: str, label: str, run, summarise, argv=None, extra_flags=()) -> None:
+    """The command line every op benchmark shares: --quick, --out (and extra boolean flags,
+    passed to run() by name); prints the device, runs, prints the summary table."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--out", default="results", help="folder for JSON results (and plots)")
+    for flag, help_text in extra_flags:
+        parser.add_argument(flag, action="store_true", help=help_text)
+    args = vars(parser.parse_args(argv))
+    print(f"jagged {label} on {DEVICE.type.upper()}" + ("" if ON_GPU else " (no GPU: toy sizes, reference path)"))
+    summarise(run(**{k.replace("-", "_"): v for k, v in args.items()}))

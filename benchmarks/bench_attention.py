@@ -19,7 +19,6 @@ forward + backward. Peak memory is for forward + backward, above the inputs.
 
 from __future__ import annotations
 
-import argparse
 import math
 import warnings
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import jagged
-from _common import (DEVICE, ON_GPU, bench, jagged_inputs, padded_to_dense, padded_to_jagged, peak_memory_mib,
+from _common import (DEVICE, bench_main, ON_GPU, bench, jagged_inputs, padded_to_dense, padded_to_jagged, peak_memory_mib,
                      print_table, save)
 
 # (B, max_L, H, D, lengths, causal): the shared peer-baseline shapes, then causal ones.
@@ -148,7 +147,8 @@ def measure(name, fn, q, k, v):
     return result
 
 
-def run(quick=False, use_flex=True, out_dir="results"):
+def run(quick=False, no_flex=False, out="results"):
+    use_flex = not no_flex
     cases = CPU_CASES if not ON_GPU else QUICK_CASES if quick else GPU_CASES
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     rows = []
@@ -176,8 +176,8 @@ def run(quick=False, use_flex=True, out_dir="results"):
                 print(f"  {name:12s} B={batch_size} L={max_len} H={heads} D={head_dim} {distribution} causal={causal}: "
                       f"fwd {row['fwd_ms']} ms, f+b {row['fwd_bwd_ms']} ms", flush=True)
     finally:
-        save(rows, "attention", out_dir)
-        plot(rows, out_dir)
+        save(rows, "attention", out)
+        plot(rows, out)
     return rows
 
 
@@ -229,13 +229,8 @@ def plot(rows, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="four shapes")
-    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
-    parser.add_argument("--out", default="results", help="folder for JSON results and the plot")
-    args = parser.parse_args(argv)
-    print(f"jagged attention on {DEVICE.type.upper()}" + ("" if ON_GPU else " (no GPU: toy sizes, reference path)"))
-    summarise(run(args.quick, not args.no_flex, args.out))
+    bench_main(__doc__, "attention", run, summarise, argv,
+               extra_flags=[("--no-flex", "skip FlexAttention (its compile takes a while)")])
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ padded->jagged reads and writes T*D.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 import jagged
-from _common import DEVICE, ON_GPU, bench, jagged_inputs, padded_to_dense, padded_to_jagged, peak_memory_mib, print_table, save
+from _common import bench_main, DEVICE, ON_GPU, bench, jagged_inputs, padded_to_dense, padded_to_jagged, peak_memory_mib, print_table, save
 
 GPU_CASES = [(1024, 512, 128), (256, 1024, 256)]
 CPU_CASES = [(8, 32, 16)]
@@ -56,7 +55,7 @@ def measure(fn, inputs, bytes_moved):
     }
 
 
-def run(quick: bool = False, out_dir: str = "results") -> list[dict]:
+def run(quick: bool = False, out: str = "results") -> list[dict]:
     cases = CPU_CASES if not ON_GPU else GPU_CASES[:1] if quick else GPU_CASES
     dtypes = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
     rows = []
@@ -74,7 +73,7 @@ def run(quick: bool = False, out_dir: str = "results") -> list[dict]:
                 ):
                     for method, fn in methods.items():
                         rows.append({"op": op, **case, "method": method, **measure(fn, inputs, nbytes)})
-    save(rows, "conversions", out_dir)
+    save(rows, "conversions", out)
     return rows
 
 
@@ -97,12 +96,7 @@ def summarise(rows: list[dict]) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    parser.add_argument("--out", default="results", help="folder for JSON results")
-    args = parser.parse_args(argv)
-    print(f"jagged conversions on {DEVICE.type.upper()}" + ("" if ON_GPU else " (no GPU: toy sizes, reference path)"))
-    summarise(run(args.quick, args.out))
+    bench_main(__doc__, "conversions", run, summarise, argv)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ writes T*D.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 import jagged
-from _common import (DEVICE, ON_GPU, bench, jagged_inputs, length_mask, padded_to_dense, padded_to_jagged,
+from _common import (bench_main, DEVICE, ON_GPU, bench, jagged_inputs, length_mask, padded_to_dense, padded_to_jagged,
                      peak_memory_mib, print_table, save)
 
 GPU_CASES = [(1024, 512, 128), (256, 1024, 256)]
@@ -49,7 +48,7 @@ def methods(op, offsets, max_len):
             "padded": lambda v: padded_pool(v, offsets, max_len, mean)}
 
 
-def run(quick=False, out_dir="results"):
+def run(quick=False, out="results"):
     cases = CPU_CASES if not ON_GPU else GPU_CASES[:1] if quick else GPU_CASES
     dtypes = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
     rows = []
@@ -64,8 +63,7 @@ def run(quick=False, out_dir="results"):
                     nbytes = (2 * total_len if op == "softmax" else total_len + batch_size) * feature_dim * e
                     for name, fn in methods(op, offsets, max_len).items():
                         leaf = values.detach().requires_grad_(True)
-                        out = fn(leaf)
-                        grad = torch.randn_like(out)
+                        grad = torch.randn_like(fn(leaf))
                         row = {"op": op, **case, "method": name, "fwd_ms": bench(lambda: fn(values))}
                         row["fwd_GBps"] = nbytes / row["fwd_ms"] / 1e6
                         try:
@@ -74,7 +72,7 @@ def run(quick=False, out_dir="results"):
                             row["fwd_bwd_ms"] = None
                         row["peak_MiB"] = peak_memory_mib(lambda: fn(values))
                         rows.append(row)
-    save(rows, "ops", out_dir)
+    save(rows, "ops", out)
     return rows
 
 
@@ -97,12 +95,7 @@ def summarise(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    parser.add_argument("--out", default="results", help="folder for JSON results")
-    args = parser.parse_args(argv)
-    print(f"jagged pooling and softmax on {DEVICE.type.upper()}" + ("" if ON_GPU else " (no GPU: toy sizes, reference path)"))
-    summarise(run(args.quick, args.out))
+    bench_main(__doc__, "pooling and softmax", run, summarise, argv)
 
 
 if __name__ == "__main__":

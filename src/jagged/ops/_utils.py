@@ -133,3 +133,21 @@ def memory_tile(feature_dim: int, element_size: int, tile_bytes: int = 16384,
         return 4, min(block_d, 4)
     block_rows = max(1, min(256, tile_bytes // (block_d * element_size)))
     return next_power_of_2(block_rows), block_d
+
+
+def check_float_features(x, op: str) -> None:
+    """``x`` must be a JaggedTensor with floating values ``[T, *F]``, F at least one dim."""
+    from ..tensor import JaggedTensor
+
+    if not isinstance(x, JaggedTensor):
+        raise TypeError(f"x must be a jagged.JaggedTensor, got {type(x).__name__}")
+    if not x.values.is_floating_point():
+        raise ValueError(f"{op} needs floating-point values, got {x.dtype}")
+    if x.values.dim() < 2:
+        raise ValueError(f"x.values must be [T, *F] with at least one feature dim, got shape {tuple(x.values.shape)}")
+
+
+def rows_as_matrix(values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """values ``[T, *F]`` as ``[T, D]`` with unit column stride (copied only if needed), and F."""
+    values2d, feature_shape = flatten_features(values, 1)
+    return (values2d if values2d.stride(1) == 1 else values2d.contiguous()), feature_shape

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import reference
 from ._rows import load_row_chunk, row_span
-from ._utils import cdiv, check_tensor, flatten_features, memory_tile, use_triton
+from ._utils import cdiv, check_float_features, memory_tile, rows_as_matrix, use_triton
 from .conversions import _launch_dense_to_jagged
 
 
@@ -72,21 +72,10 @@ class _JaggedPool(torch.autograd.Function):
 
 
 def _pool(x, mean: bool, name: str) -> torch.Tensor:
-    from ..tensor import JaggedTensor
-
-    if not isinstance(x, JaggedTensor):
-        raise TypeError(f"x must be a jagged.JaggedTensor, got {type(x).__name__}")
-    check_tensor(x.values, "x.values")
-    if not x.values.is_floating_point():
-        raise ValueError(f"{name} needs floating-point values, got {x.dtype}")
-    if x.values.dim() < 2:
-        raise ValueError(f"x.values must be [T, *F] with at least one feature dim, got shape {tuple(x.values.shape)}")
+    check_float_features(x, name)
     if not use_triton(x.values):
-        fn = reference.jagged_mean if mean else reference.jagged_sum
-        return fn(x.values, x.offsets)
-    values2d, feature_shape = flatten_features(x.values, 1)
-    if values2d.stride(1) != 1:
-        values2d = values2d.contiguous()
+        return (reference.jagged_mean if mean else reference.jagged_sum)(x.values, x.offsets)
+    values2d, feature_shape = rows_as_matrix(x.values)
     return _JaggedPool.apply(values2d, x.offsets, mean).view(x.batch_size, *feature_shape)
 
 

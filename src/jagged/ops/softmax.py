@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .. import reference
 from ._rows import load_row_chunk, row_span
-from ._utils import cdiv, check_tensor, flatten_features, memory_tile, use_triton
+from ._utils import cdiv, check_float_features, memory_tile, rows_as_matrix, use_triton
 
 
 @triton.jit
@@ -119,17 +119,9 @@ def jagged_softmax(x):
         >>> jagged.jagged_softmax(x).values[:, 0]
         tensor([0.5000, 0.5000, 0.2500, 0.2500, 0.2500, 0.2500])
     """
-    from ..tensor import JaggedTensor
-
-    if not isinstance(x, JaggedTensor):
-        raise TypeError(f"x must be a jagged.JaggedTensor, got {type(x).__name__}")
-    check_tensor(x.values, "x.values")
-    if not x.values.is_floating_point():
-        raise ValueError(f"jagged_softmax needs floating-point values, got {x.dtype}")
-    if x.values.dim() < 2:
-        raise ValueError(f"x.values must be [T, *F] with at least one feature dim, got shape {tuple(x.values.shape)}")
+    check_float_features(x, "jagged_softmax")
     if not use_triton(x.values):
         return x.with_values(reference.jagged_softmax(x.values, x.offsets))
-    x2d, feature_shape = flatten_features(x.values, 1)
-    y = _JaggedSoftmax.apply(_unit_column_stride(x2d), x.offsets)
+    x2d, feature_shape = rows_as_matrix(x.values)
+    y = _JaggedSoftmax.apply(x2d, x.offsets)
     return x.with_values(y.view(x.total_len, *feature_shape))
