@@ -6,12 +6,14 @@ Public API:
 - conversions: :func:`jagged_to_padded_dense`, :func:`dense_to_jagged`
 - attention: :func:`jagged_flash_attention`, :func:`jagged_flash_attention_values`,
   :class:`jagged.nn.JaggedMultiheadAttention`
+- batched matmuls: :func:`jagged_dense_bmm`, :func:`jagged_jagged_bmm`
 - pooling and softmax over rows: :func:`jagged_sum`, :func:`jagged_mean`, :func:`jagged_softmax`
 - :mod:`jagged.reference`: plain-PyTorch reference implementations of every op
 """
 
 from . import nn, reference
 from .ops.attention import jagged_flash_attention, jagged_flash_attention_values
+from .ops.bmm import jagged_dense_bmm, jagged_jagged_bmm
 from .ops.conversions import dense_to_jagged, jagged_to_padded_dense
 from .ops.pooling import jagged_mean, jagged_sum
 from .ops.softmax import jagged_softmax
@@ -22,8 +24,10 @@ __version__ = "0.1.0"
 __all__ = [
     "JaggedTensor",
     "dense_to_jagged",
+    "jagged_dense_bmm",
     "jagged_flash_attention",
     "jagged_flash_attention_values",
+    "jagged_jagged_bmm",
     "jagged_mean",
     "jagged_softmax",
     "jagged_sum",

@@ -106,3 +106,18 @@ def jagged_softmax(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """values ``[T, *F]`` -> ``[T, *F]``: softmax over each row's positions, per column."""
     rows = values.split(offsets.diff().tolist())
     return torch.cat([torch.softmax(r.float(), dim=0) for r in rows]).to(values.dtype) if rows else values.clone()
+
+
+def jagged_dense_bmm(values: torch.Tensor, offsets: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """values ``[T, K]``, dense ``[B, K, N]`` -> ``[T, N]``: row b times ``dense[b]``."""
+    rows = values.split(offsets.diff().tolist())
+    out = [row @ dense[b] for b, row in enumerate(rows)]
+    # B == 0: an empty product that still depends on both inputs (for autograd).
+    return torch.cat(out) if out else values[:0] @ dense.sum(0)
+
+
+def jagged_jagged_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x ``[T, M]``, y ``[T, N]`` (same rows) -> ``[B, M, N]``: ``x_b^T @ y_b`` per row."""
+    lengths = offsets.diff().tolist()
+    out = [a.t() @ b for a, b in zip(x.split(lengths), y.split(lengths))]
+    return torch.stack(out) if out else (x[:0].t() @ y[:0])[None][:0]

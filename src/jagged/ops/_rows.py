@@ -45,3 +45,12 @@ def load_row_chunk(ptr, begin, start, length, cols, col_ok, stride_t, other, BLO
     tile = tl.load(ptr + (begin + pos)[:, None] * stride_t + cols[None, :],
                    mask=in_row[:, None] & col_ok[None, :], other=other)
     return tile.to(tl.float32), in_row
+
+
+@triton.jit
+def row_block(offsets_ptr, slot, batch_size, search_steps, BLOCK: tl.constexpr):
+    """For a work slot (see find_row): its row, the row's begin and length, and the index of the
+    slot's block in that row (>= the row's block count for a spare slot, which does nothing)."""
+    row = find_row(offsets_ptr, slot, batch_size, search_steps, BLOCK)
+    begin, length = row_span(offsets_ptr, row)
+    return row, begin, length, slot - (begin // BLOCK + row)

@@ -151,3 +151,20 @@ def rows_as_matrix(values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]
     """values ``[T, *F]`` as ``[T, D]`` with unit column stride (copied only if needed), and F."""
     values2d, feature_shape = flatten_features(values, 1)
     return (values2d if values2d.stride(1) == 1 else values2d.contiguous()), feature_shape
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: float32 follows PyTorch's own matmul switch (off by default: IEEE
+    float32); 16-bit inputs use the tensor cores as they are."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def check_same_rows(a, b, name_a: str, name_b: str) -> None:
+    """JaggedTensors ``a`` and ``b`` must have the same rows: the same offsets tensor (free), or
+    equal offsets (compared on the device: one synchronisation)."""
+    if a.offsets is b.offsets:
+        return
+    if a.offsets.shape != b.offsets.shape or not torch.equal(a.offsets, b.offsets.to(a.offsets.device)):
+        raise ValueError(f"{name_a} must have {name_b}'s rows (the same offsets)")

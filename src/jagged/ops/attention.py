@@ -21,20 +21,12 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._rows import find_row, row_span
-from ._utils import TRITON_INTERPRETER, binary_search_steps, check_tensor, next_power_of_2, use_triton
+from ._rows import row_block, row_span
+from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_same_rows, check_tensor, dot_precision,
+                     next_power_of_2, use_triton)
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-
-
-@triton.jit
-def _row_block(offsets_ptr, slot, batch_size, search_steps, BLOCK: tl.constexpr):
-    """The row that work slot ``slot`` falls in, the row's begin and length, and the index of
-    the slot's block in that row (>= the row's block count for a spare slot)."""
-    row = find_row(offsets_ptr, slot, batch_size, search_steps, BLOCK)
-    begin, length = row_span(offsets_ptr, row)
-    return row, begin, length, slot - (begin // BLOCK + row)
 
 
 @triton.jit
@@ -68,7 +60,7 @@ def _attention_forward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     head = tl.program_id(1).to(tl.int64)
-    row, q_begin, q_len, block = _row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
     if block * BLOCK_M >= q_len:
         return
     k_begin, k_len = row_span(k_offsets_ptr, row)
@@ -137,7 +129,7 @@ def _backward_dkdv(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of one block of one row's keys: stream over the row's queries."""
-    row, k_begin, k_len, block = _row_block(k_offsets_ptr, slot, batch_size, search_steps, BLOCK_N)
+    row, k_begin, k_len, block = row_block(k_offsets_ptr, slot, batch_size, search_steps, BLOCK_N)
     if block * BLOCK_N < k_len:
         q_begin, q_len = row_span(q_offsets_ptr, row)
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,7 +176,7 @@ def _backward_dq(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ of one block of one row's queries: stream over the row's keys."""
-    row, q_begin, q_len, block = _row_block(q_offsets_ptr, slot, batch_size, search_steps, BLOCK_M)
+    row, q_begin, q_len, block = row_block(q_offsets_ptr, slot, batch_size, search_steps, BLOCK_M)
     if block * BLOCK_M < q_len:
         k_begin, k_len = row_span(k_offsets_ptr, row)
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -266,13 +258,6 @@ def _tiles(kernel: str, head_dim: int, head_dim_v: int) -> dict:
     return dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=32, num_warps=4, num_stages=3, **dims)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32 follows PyTorch's own switch for matmuls (off by default: full float32).
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -291,7 +276,7 @@ def _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale):
         q, k, v, out, lse, q_offsets, k_offsets,
         batch_size, binary_search_steps(batch_size), scale * LOG2_E, head_dim, head_dim_v,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], lse.stride(0),
-        CAUSAL=causal, PRECISION=_precision(q.dtype), **tiles,
+        CAUSAL=causal, PRECISION=dot_precision(q.dtype), **tiles,
     )
     return out, lse
 
@@ -316,7 +301,7 @@ def _attention_backward(do, q, k, v, out, lse, q_offsets, k_offsets, causal, sca
         batch_size, binary_search_steps(batch_size), num_kv_slots, scale * LOG2_E, scale, q.shape[2], v.shape[2],
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *do.stride()[:2], lse.stride(0),
         *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2],
-        CAUSAL=causal, PRECISION=_precision(q.dtype), **tiles,
+        CAUSAL=causal, PRECISION=dot_precision(q.dtype), **tiles,
     )
     return dq, dk, dv
 
@@ -427,8 +412,6 @@ def jagged_flash_attention(q, k, v, *, causal: bool = False, scale: float | None
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, JaggedTensor):
             raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
-    if v.offsets is not k.offsets:
-        if v.offsets.shape != k.offsets.shape or not torch.equal(v.offsets, k.offsets):
-            raise ValueError("v must have k's rows (the same offsets)")
+    check_same_rows(v, k, "v", "k")
     out = jagged_flash_attention_values(q.values, k.values, v.values, q.offsets, k.offsets, causal=causal, scale=scale)
     return q.with_values(out)

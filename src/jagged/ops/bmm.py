@@ -1,0 +1,211 @@
+"""Jagged batched matmuls: jagged x dense -> jagged, and jagged x jagged -> dense. Triton
+kernels, launchers, autograd and public functions.
+
+The two are each other's gradients (transposes are passed as strides, never copied):
+    out = jagged_dense_bmm(x, y):   dx = jagged_dense_bmm(dout, y^T),  dy = jagged_jagged_bmm(x, dout)
+    z = jagged_jagged_bmm(x, y):    dx = jagged_dense_bmm(y, dz^T),    dy = jagged_dense_bmm(x, dz)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._rows import row_block, row_span
+from ._utils import (TRITON_INTERPRETER, binary_search_steps, cdiv, check_same_rows, check_tensor, dot_precision,
+                     use_triton)
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit(do_not_specialize=["batch_size", "search_steps"])
+def _jagged_dense_bmm_kernel(
+    x_ptr, y_ptr, out_ptr, offsets_ptr, batch_size, search_steps, k_dim, n_dim,
+    stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per (block of BLOCK_M tokens of one row, block of output columns): the row's
+    # tokens times the row's own [K, N] matrix. Work slots cover real tokens only (see find_row).
+    row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps,
+                                          BLOCK_M)
+    if block * BLOCK_M < length:
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        tokens = begin + offs_m
+        m_ok = offs_m < length
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = cols < n_dim
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k_dim, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < k_dim
+            a = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xk,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(y_ptr + row * stride_yb + ks[:, None] * stride_yk + cols[None, :] * stride_yn,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+        tl.store(out_ptr + tokens[:, None] * stride_ot + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _jagged_jagged_bmm_kernel(
+    x_ptr, y_ptr, out_ptr, offsets_ptr, m_dim, n_dim,
+    stride_xt, stride_xm, stride_yt, stride_yn, stride_ob, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per (row, block of M, block of N): sum over the row's tokens of x_t^T y_t,
+    # BLOCK_K tokens per step. An empty row writes zeros.
+    row = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < m_dim
+    n_ok = offs_n < n_dim
+    begin, length = row_span(offsets_ptr, row)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for t0 in range(0, length, BLOCK_K):
+        pos = t0 + tl.arange(0, BLOCK_K)
+        t_ok = pos < length
+        tokens = begin + pos
+        a_t = tl.load(x_ptr + tokens[None, :] * stride_xt + offs_m[:, None] * stride_xm,
+                      mask=m_ok[:, None] & t_ok[None, :], other=0.0)
+        b = tl.load(y_ptr + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yn,
+                    mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(a_t, b, input_precision=PRECISION)
+    tl.store(out_ptr + row * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _tiles(dim_a: int, dim_b: int) -> dict:
+    """Block sizes: 16 under the interpreter (so small test shapes span several blocks),
+    64 x 64 x 32 tiles on the GPU."""
+    if TRITON_INTERPRETER:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=128 if dim_b > 64 else 64, BLOCK_K=32 if dim_a <= 64 else 64,
+                num_warps=4, num_stages=3)
+
+
+def _launch_jagged_dense_bmm(x, y, offsets):
+    """x [T, K] (rows by offsets), y [B, K, N] (any strides) -> [T, N]."""
+    total, k_dim = x.shape
+    batch_size, n_dim = offsets.numel() - 1, y.shape[2]
+    out = torch.empty((total, n_dim), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    tiles = _tiles(k_dim, n_dim)
+    grid = (batch_size + total // tiles["BLOCK_M"], cdiv(n_dim, tiles["BLOCK_N"]))
+    _jagged_dense_bmm_kernel[grid](
+        x, y, out, offsets, batch_size, binary_search_steps(batch_size), k_dim, n_dim,
+        *x.stride(), *y.stride(), *out.stride(), PRECISION=dot_precision(x.dtype), **tiles)
+    return out
+
+
+def _launch_jagged_jagged_bmm(x, y, offsets):
+    """x [T, M], y [T, N] (same rows, any strides) -> [B, M, N]."""
+    batch_size, m_dim, n_dim = offsets.numel() - 1, x.shape[1], y.shape[1]
+    out = torch.empty((batch_size, m_dim, n_dim), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    tiles = _tiles(m_dim, n_dim)
+    grid = (batch_size, cdiv(m_dim, tiles["BLOCK_M"]), cdiv(n_dim, tiles["BLOCK_N"]))
+    _jagged_jagged_bmm_kernel[grid](
+        x, y, out, offsets, m_dim, n_dim, *x.stride(), *y.stride(), *out.stride(),
+        PRECISION=dot_precision(x.dtype), **tiles)
+    return out
+
+
+class _JaggedDenseBmm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, offsets):
+        ctx.save_for_backward(x, y, offsets)
+        return _launch_jagged_dense_bmm(x, y, offsets)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, y, offsets = ctx.saved_tensors
+        dx = _launch_jagged_dense_bmm(dout, y.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+        dy = _launch_jagged_jagged_bmm(x, dout, offsets) if ctx.needs_input_grad[1] else None
+        return dx, dy, None
+
+
+class _JaggedJaggedBmm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, offsets):
+        ctx.save_for_backward(x, y, offsets)
+        return _launch_jagged_jagged_bmm(x, y, offsets)
+
+    @staticmethod
+    def backward(ctx, dz):
+        x, y, offsets = ctx.saved_tensors
+        dx = _launch_jagged_dense_bmm(y, dz.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+        dy = _launch_jagged_dense_bmm(x, dz, offsets) if ctx.needs_input_grad[1] else None
+        return dx, dy, None
+
+
+def _check_matrix_values(x, name: str, dtype=None, device=None):
+    from ..tensor import JaggedTensor
+
+    if not isinstance(x, JaggedTensor):
+        raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
+    if x.values.dim() != 2:
+        raise ValueError(f"{name}.values must be 2-D [T, D], got shape {tuple(x.values.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if dtype is not None and (x.dtype != dtype or x.device != device):
+        raise ValueError(f"{name} must have dtype {dtype} on {device}, got {x.dtype} on {x.device}")
+
+
+def jagged_dense_bmm(x, y: torch.Tensor):
+    """Each row's block of x times that row's own dense matrix.
+
+    Args:
+        x: :class:`jagged.JaggedTensor` with values ``[T, K]`` (float16, bfloat16, float32).
+        y: ``[B, K, N]`` tensor of x's dtype and device, B = x.batch_size (any strides).
+
+    Returns:
+        JaggedTensor with x's offsets and values ``[T, N]``: row b is ``x_b @ y[b]`` (float32
+        accumulation). Differentiable w.r.t. x's values and y.
+
+    Raises:
+        TypeError if x is not a JaggedTensor or y not a tensor; ValueError for wrong ranks,
+        dtypes or devices, ``y.shape[0] != B`` or ``y.shape[1] != K``.
+
+    Example::
+
+        >>> x = jagged.JaggedTensor.from_list([torch.randn(3, 8), torch.randn(0, 8), torch.randn(5, 8)])
+        >>> jagged.jagged_dense_bmm(x, torch.randn(3, 8, 4)).values.shape
+        torch.Size([8, 4])
+    """
+    _check_matrix_values(x, "x")
+    check_tensor(y, "y")
+    if y.dim() != 3 or y.shape[0] != x.batch_size or y.shape[1] != x.values.shape[1]:
+        raise ValueError(f"y must be [B={x.batch_size}, K={x.values.shape[1]}, N], got shape {tuple(y.shape)}")
+    if y.dtype != x.dtype or y.device != x.device:
+        raise ValueError(f"y must have x's dtype and device ({x.dtype}, {x.device}), got {y.dtype}, {y.device}")
+    if not use_triton(x.values):
+        return x.with_values(reference.jagged_dense_bmm(x.values, x.offsets, y))
+    return x.with_values(_JaggedDenseBmm.apply(x.values, y, x.offsets))
+
+
+def jagged_jagged_bmm(x, y) -> torch.Tensor:
+    """Per row, the sum over its positions of the outer products ``x_t^T y_t``.
+
+    Args:
+        x: :class:`jagged.JaggedTensor` with values ``[T, M]`` (float16, bfloat16, float32).
+        y: JaggedTensor with values ``[T, N]``, x's rows (offsets) and dtype.
+
+    Returns:
+        ``[B, M, N]``: ``out[b] = x_b^T @ y_b`` (float32 accumulation); an empty row gives zeros.
+        This is the weight-gradient shape of :func:`jagged_dense_bmm`. Differentiable w.r.t. the
+        values of x and y.
+
+    Raises:
+        TypeError for non-JaggedTensors; ValueError for wrong ranks, dtypes, devices or rows.
+    """
+    _check_matrix_values(x, "x")
+    _check_matrix_values(y, "y", x.dtype, x.device)
+    check_same_rows(y, x, "y", "x")
+    if not use_triton(x.values):
+        return reference.jagged_jagged_bmm(x.values, y.values, x.offsets)
+    return _JaggedJaggedBmm.apply(x.values, y.values, x.offsets)
