@@ -1,4 +1,4 @@
-"""Benchmark jagged pooling and softmax against what a user would otherwise run.
+"""Benchmark jagged pooling, softmax and batched matmuls against what a user would otherwise run.
 
 Methods, on the same jagged inputs:
 - jagged: this library (jagged_sum, jagged_mean, jagged_softmax);
@@ -6,7 +6,8 @@ Methods, on the same jagged inputs:
 - padded: pad -> torch op with a length mask -> (unpad), as a user without this library writes it.
 
 GB/s counts bytes read + written once: pooling reads T*D and writes B*D; softmax reads and
-writes T*D.
+writes T*D. The matmuls (jagged_dense_bmm: [T, D] x [B, D, D]; jagged_jagged_bmm: [T, D] x [T, D]
+-> [B, D, D]) report TFLOP/s on real work, 2*T*D*D, against pad -> torch.bmm -> unpad.
 
     python benchmarks/bench_ops.py [--quick] [--out results]
 """
@@ -37,8 +38,15 @@ def padded_softmax(values, offsets, max_len):
     return padded_to_jagged(torch.softmax(dense.float(), dim=1).to(values.dtype), offsets)
 
 
-def methods(op, offsets, max_len):
+def methods(op, offsets, max_len, dense_operand):
     jt = lambda v: jagged.JaggedTensor(v, offsets, max_len=max_len, validate=False)  # noqa: E731
+    if op == "jagged_dense_bmm":
+        return {"jagged": lambda v: jagged.jagged_dense_bmm(jt(v), dense_operand).values,
+                "padded": lambda v: padded_to_jagged(torch.bmm(padded_to_dense(v, offsets, max_len), dense_operand), offsets)}
+    if op == "jagged_jagged_bmm":
+        return {"jagged": lambda v: jagged.jagged_jagged_bmm(jt(v), jt(v)),
+                "padded": lambda v: torch.bmm(padded_to_dense(v, offsets, max_len).transpose(1, 2),
+                                              padded_to_dense(v, offsets, max_len))}
     if op == "softmax":
         return {"jagged": lambda v: jagged.jagged_softmax(jt(v)).values,
                 "padded": lambda v: padded_softmax(v, offsets, max_len)}
@@ -59,13 +67,18 @@ def run(quick=False, out="results"):
                 case = {"B": batch_size, "max_L": max_len, "D": feature_dim, "dtype": str(dtype).replace("torch.", ""),
                         "lengths": distribution, "fill": round(total_len / (batch_size * max_len), 2)}
                 e = values.element_size()
-                for op in ("sum", "mean", "softmax"):
+                dense_operand = torch.randn(batch_size, feature_dim, feature_dim, device=DEVICE).to(dtype)
+                for op in ("sum", "mean", "softmax", "jagged_dense_bmm", "jagged_jagged_bmm"):
                     nbytes = (2 * total_len if op == "softmax" else total_len + batch_size) * feature_dim * e
-                    for name, fn in methods(op, offsets, max_len).items():
+                    flops = 2 * total_len * feature_dim * feature_dim
+                    for name, fn in methods(op, offsets, max_len, dense_operand).items():
                         leaf = values.detach().requires_grad_(True)
                         grad = torch.randn_like(fn(leaf))
                         row = {"op": op, **case, "method": name, "fwd_ms": bench(lambda: fn(values))}
-                        row["fwd_GBps"] = nbytes / row["fwd_ms"] / 1e6
+                        if op.endswith("bmm"):
+                            row["fwd_TFLOPs"] = flops / row["fwd_ms"] / 1e9
+                        else:
+                            row["fwd_GBps"] = nbytes / row["fwd_ms"] / 1e6
                         try:
                             row["fwd_bwd_ms"] = bench(lambda: torch.autograd.grad(fn(leaf), leaf, grad))
                         except (RuntimeError, NotImplementedError):
@@ -84,7 +97,10 @@ def summarise(rows):
         ours = by["jagged"]
         line = dict(zip(keys, key))
         for name, r in by.items():
-            line[f"{name} GB/s"] = r["fwd_GBps"]
+            if "fwd_TFLOPs" in r:
+                line[f"{name} TFLOP/s"] = r["fwd_TFLOPs"]
+            else:
+                line[f"{name} GB/s"] = r["fwd_GBps"]
         for name, r in by.items():
             if name != "jagged":
                 line[f"{name}/ours"] = r["fwd_ms"] / ours["fwd_ms"]
