@@ -6,6 +6,7 @@ Public API:
 - conversions: :func:`jagged_to_padded_dense`, :func:`dense_to_jagged`
 - attention: :func:`jagged_flash_attention`, :func:`jagged_flash_attention_values`,
   :class:`jagged.nn.JaggedMultiheadAttention`
+- jagged (+|*) dense: :func:`jagged_dense_elementwise_add`, :func:`jagged_dense_elementwise_mul`
 - batched matmuls: :func:`jagged_dense_bmm`, :func:`jagged_jagged_bmm`
 - pooling and softmax over rows: :func:`jagged_sum`, :func:`jagged_mean`, :func:`jagged_softmax`
 - :mod:`jagged.reference`: plain-PyTorch reference implementations of every op
@@ -15,6 +16,7 @@ from . import nn, reference
 from .ops.attention import jagged_flash_attention, jagged_flash_attention_values
 from .ops.bmm import jagged_dense_bmm, jagged_jagged_bmm
 from .ops.conversions import dense_to_jagged, jagged_to_padded_dense
+from .ops.elementwise import jagged_dense_elementwise_add, jagged_dense_elementwise_mul
 from .ops.pooling import jagged_mean, jagged_sum
 from .ops.softmax import jagged_softmax
 from .tensor import JaggedTensor, lengths_to_offsets
@@ -25,6 +27,8 @@ __all__ = [
     "JaggedTensor",
     "dense_to_jagged",
     "jagged_dense_bmm",
+    "jagged_dense_elementwise_add",
+    "jagged_dense_elementwise_mul",
     "jagged_flash_attention",
     "jagged_flash_attention_values",
     "jagged_jagged_bmm",

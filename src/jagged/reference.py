@@ -121,3 +121,13 @@ def jagged_jagged_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -
     lengths = offsets.diff().tolist()
     out = [a.t() @ b for a, b in zip(x.split(lengths), y.split(lengths))]
     return torch.stack(out) if out else (x[:0].t() @ y[:0])[None][:0]
+
+
+def jagged_dense_elementwise_add(values: torch.Tensor, offsets: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """values ``[T, *F]`` + dense ``[B, L, *F]`` at each row's positions (dense reads 0 past L)."""
+    return values + dense_to_jagged(dense, offsets, values.shape[0])
+
+
+def jagged_dense_elementwise_mul(values: torch.Tensor, offsets: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """values ``[T, *F]`` * dense ``[B, L, *F]`` at each row's positions (dense reads 0 past L)."""
+    return values * dense_to_jagged(dense, offsets, values.shape[0])
