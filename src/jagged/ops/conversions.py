@@ -55,7 +55,9 @@ def _jagged_to_padded_dense_kernel(
     )
 
 
-# What the gather kernel does with the gathered dense value y and a jagged operand x.
+# What the gather kernel does with the gathered dense value y and a jagged operand x (its OP
+# constexpr; the kernel compares with the literals, since Triton's compiler, unlike its
+# interpreter, reads no plain Python globals).
 GATHER, GATHER_ADD, GATHER_MUL = 0, 1, 2
 
 
@@ -82,9 +84,9 @@ def _dense_to_jagged_kernel(
         other=0.0,
     )
     out_mask = token_ok[:, None] & col_ok[None, :]
-    if OP != GATHER:  # fused elementwise op with a jagged operand (ops/elementwise.py)
+    if OP != 0:  # GATHER_ADD or GATHER_MUL: fused op with a jagged operand (ops/elementwise.py)
         other = tl.load(jagged_ptr + token[:, None] * stride_jt + cols[None, :] * stride_jd, mask=out_mask, other=0.0)
-        if OP == GATHER_ADD:
+        if OP == 1:  # GATHER_ADD
             x = other.to(tl.float32) + x.to(tl.float32)
         else:
             x = other.to(tl.float32) * x.to(tl.float32)
