@@ -66,6 +66,20 @@ def padded_to_jagged(dense, offsets, total_len=None):
     return dense[length_mask(offsets, dense.shape[1])]
 
 
+def op_cases(quick, gpu_cases, cpu_cases):
+    """(values, offsets, total_len, case dict) over shapes x dtypes (bf16 and fp32 on the GPU) x
+    length distributions, for the memory- and matmul-bound op benchmarks."""
+    cases = cpu_cases if not ON_GPU else gpu_cases[:1] if quick else gpu_cases
+    dtypes = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
+    for batch_size, max_len, feature_dim in cases:
+        for dtype in dtypes:
+            for distribution in ("unif", "skew"):
+                values, offsets, total_len, _ = jagged_inputs(batch_size, max_len, feature_dim, dtype, distribution)
+                yield values, offsets, total_len, {
+                    "B": batch_size, "max_L": max_len, "D": feature_dim, "dtype": str(dtype).replace("torch.", ""),
+                    "lengths": distribution, "fill": round(total_len / (batch_size * max_len), 2)}
+
+
 def bench(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median time of fn() in milliseconds: triton.testing.do_bench on the GPU (CUDA events,
     cache flushed between runs), a host clock on the CPU."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 import jagged
-from _common import bench_main, DEVICE, ON_GPU, bench, jagged_inputs, padded_to_dense, padded_to_jagged, peak_memory_mib, print_table, save
+from _common import bench_main, op_cases, DEVICE, ON_GPU, bench, jagged_inputs, padded_to_dense, padded_to_jagged, peak_memory_mib, print_table, save
 
 GPU_CASES = [(1024, 512, 128), (256, 1024, 256)]
 CPU_CASES = [(8, 32, 16)]
@@ -56,23 +56,17 @@ def measure(fn, inputs, bytes_moved):
 
 
 def run(quick: bool = False, out: str = "results") -> list[dict]:
-    cases = CPU_CASES if not ON_GPU else GPU_CASES[:1] if quick else GPU_CASES
-    dtypes = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
     rows = []
-    for batch_size, max_len, feature_dim in cases:
-        for dtype in dtypes:
-            for distribution in ("unif", "skew"):
-                values, offsets, total_len, _ = jagged_inputs(batch_size, max_len, feature_dim, dtype, distribution)
-                dense = aten_to_dense(values, offsets, max_len)
-                element = values.element_size()
-                case = {"B": batch_size, "max_L": max_len, "D": feature_dim, "dtype": str(dtype).replace("torch.", ""),
-                        "lengths": distribution, "fill": round(total_len / (batch_size * max_len), 2)}
-                for op, methods, inputs, nbytes in (
-                    ("to_padded", TO_DENSE, (values, offsets, max_len), (total_len + batch_size * max_len) * feature_dim * element),
-                    ("to_jagged", TO_JAGGED, (dense, offsets, total_len), 2 * total_len * feature_dim * element),
-                ):
-                    for method, fn in methods.items():
-                        rows.append({"op": op, **case, "method": method, **measure(fn, inputs, nbytes)})
+    for values, offsets, total_len, case in op_cases(quick, GPU_CASES, CPU_CASES):
+        batch_size, max_len, feature_dim = case["B"], case["max_L"], case["D"]
+        dense = aten_to_dense(values, offsets, max_len)
+        element = values.element_size()
+        for op, methods, inputs, nbytes in (
+            ("to_padded", TO_DENSE, (values, offsets, max_len), (total_len + batch_size * max_len) * feature_dim * element),
+            ("to_jagged", TO_JAGGED, (dense, offsets, total_len), 2 * total_len * feature_dim * element),
+        ):
+            for method, fn in methods.items():
+                rows.append({"op": op, **case, "method": method, **measure(fn, inputs, nbytes)})
     save(rows, "conversions", out)
     return rows
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 import jagged
-from _common import (bench_main, DEVICE, ON_GPU, bench, jagged_inputs, length_mask, padded_to_dense, padded_to_jagged,
+from _common import (bench_main, op_cases, DEVICE, ON_GPU, bench, jagged_inputs, length_mask, padded_to_dense, padded_to_jagged,
                      peak_memory_mib, print_table, save)
 
 GPU_CASES = [(1024, 512, 128), (256, 1024, 256)]
@@ -57,34 +57,28 @@ def methods(op, offsets, max_len, dense_operand):
 
 
 def run(quick=False, out="results"):
-    cases = CPU_CASES if not ON_GPU else GPU_CASES[:1] if quick else GPU_CASES
-    dtypes = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
     rows = []
-    for batch_size, max_len, feature_dim in cases:
-        for dtype in dtypes:
-            for distribution in ("unif", "skew"):
-                values, offsets, total_len, _ = jagged_inputs(batch_size, max_len, feature_dim, dtype, distribution)
-                case = {"B": batch_size, "max_L": max_len, "D": feature_dim, "dtype": str(dtype).replace("torch.", ""),
-                        "lengths": distribution, "fill": round(total_len / (batch_size * max_len), 2)}
-                e = values.element_size()
-                dense_operand = torch.randn(batch_size, feature_dim, feature_dim, device=DEVICE).to(dtype)
-                for op in ("sum", "mean", "softmax", "jagged_dense_bmm", "jagged_jagged_bmm"):
-                    nbytes = (2 * total_len if op == "softmax" else total_len + batch_size) * feature_dim * e
-                    flops = 2 * total_len * feature_dim * feature_dim
-                    for name, fn in methods(op, offsets, max_len, dense_operand).items():
-                        leaf = values.detach().requires_grad_(True)
-                        grad = torch.randn_like(fn(leaf))
-                        row = {"op": op, **case, "method": name, "fwd_ms": bench(lambda: fn(values))}
-                        if op.endswith("bmm"):
-                            row["fwd_TFLOPs"] = flops / row["fwd_ms"] / 1e9
-                        else:
-                            row["fwd_GBps"] = nbytes / row["fwd_ms"] / 1e6
-                        try:
-                            row["fwd_bwd_ms"] = bench(lambda: torch.autograd.grad(fn(leaf), leaf, grad))
-                        except (RuntimeError, NotImplementedError):
-                            row["fwd_bwd_ms"] = None
-                        row["peak_MiB"] = peak_memory_mib(lambda: fn(values))
-                        rows.append(row)
+    for values, offsets, total_len, case in op_cases(quick, GPU_CASES, CPU_CASES):
+        batch_size, max_len, feature_dim = case["B"], case["max_L"], case["D"]
+        e = values.element_size()
+        dense_operand = torch.randn(batch_size, feature_dim, feature_dim, device=DEVICE).to(values.dtype)
+        for op in ("sum", "mean", "softmax", "jagged_dense_bmm", "jagged_jagged_bmm"):
+            nbytes = (2 * total_len if op == "softmax" else total_len + batch_size) * feature_dim * e
+            flops = 2 * total_len * feature_dim * feature_dim
+            for name, fn in methods(op, offsets, max_len, dense_operand).items():
+                leaf = values.detach().requires_grad_(True)
+                grad = torch.randn_like(fn(leaf))
+                row = {"op": op, **case, "method": name, "fwd_ms": bench(lambda: fn(values))}
+                if op.endswith("bmm"):
+                    row["fwd_TFLOPs"] = flops / row["fwd_ms"] / 1e9
+                else:
+                    row["fwd_GBps"] = nbytes / row["fwd_ms"] / 1e6
+                try:
+                    row["fwd_bwd_ms"] = bench(lambda: torch.autograd.grad(fn(leaf), leaf, grad))
+                except (RuntimeError, NotImplementedError):
+                    row["fwd_bwd_ms"] = None
+                row["peak_MiB"] = peak_memory_mib(lambda: fn(values))
+                rows.append(row)
     save(rows, "ops", out)
     return rows
 

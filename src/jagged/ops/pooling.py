@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import reference
 from ._rows import load_row_chunk, row_span
-from ._utils import cdiv, check_float_features, memory_tile, rows_as_matrix, use_triton
+from ._utils import check_float_features, row_walk_launch, rows_as_matrix, use_triton
 from .conversions import _launch_dense_to_jagged
 
 
@@ -43,12 +43,8 @@ def _launch_pool(values2d, offsets, mean):
     out = torch.empty((batch_size, feature_dim), dtype=values2d.dtype, device=values2d.device)
     if out.numel() == 0:
         return out
-    # A program walks a whole row: 64-column blocks give B * D / 64 programs to fill the GPU.
-    block_t, block_d = memory_tile(feature_dim, values2d.element_size(), tile_bytes=8192, max_block_d=64)
-    _jagged_pool_kernel[(batch_size, cdiv(feature_dim, block_d))](
-        values2d, offsets, out, feature_dim, values2d.stride(0), out.stride(0),
-        MEAN=mean, BLOCK_T=block_t, BLOCK_D=block_d,
-    )
+    grid, tiles = row_walk_launch(offsets, values2d)
+    _jagged_pool_kernel[grid](values2d, offsets, out, feature_dim, values2d.stride(0), out.stride(0), MEAN=mean, **tiles)
     return out
 
 

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .. import reference
 from ._rows import load_row_chunk, row_span
-from ._utils import cdiv, check_float_features, memory_tile, rows_as_matrix, use_triton
+from ._utils import check_float_features, row_walk_launch, rows_as_matrix, use_triton
 
 
 @triton.jit
@@ -66,12 +66,6 @@ def _jagged_softmax_backward_kernel(
                  (y * (dy - dot[None, :])).to(dx_ptr.dtype.element_ty), mask=in_row[:, None] & col_ok[None, :])
 
 
-def _grid_and_tiles(offsets, values2d):
-    # A program walks a whole row (twice): 64-column blocks give B * D / 64 programs.
-    block_t, block_d = memory_tile(values2d.shape[1], values2d.element_size(), tile_bytes=8192, max_block_d=64)
-    return (offsets.numel() - 1, cdiv(values2d.shape[1], block_d)), dict(BLOCK_T=block_t, BLOCK_D=block_d)
-
-
 def _unit_column_stride(x):
     return x if x.stride(1) == 1 else x.contiguous()
 
@@ -81,7 +75,7 @@ class _JaggedSoftmax(torch.autograd.Function):
     def forward(ctx, x2d, offsets):
         y = torch.empty((x2d.shape[0], x2d.shape[1]), dtype=x2d.dtype, device=x2d.device)
         if y.numel():
-            grid, tiles = _grid_and_tiles(offsets, x2d)
+            grid, tiles = row_walk_launch(offsets, x2d)
             _jagged_softmax_forward_kernel[grid](x2d, offsets, y, x2d.shape[1], x2d.stride(0), y.stride(0), **tiles)
         ctx.save_for_backward(y, offsets)
         return y
@@ -92,7 +86,7 @@ class _JaggedSoftmax(torch.autograd.Function):
         dy = _unit_column_stride(dy)
         dx = torch.empty_like(y)
         if dx.numel():
-            grid, tiles = _grid_and_tiles(offsets, y)
+            grid, tiles = row_walk_launch(offsets, y)
             _jagged_softmax_backward_kernel[grid](y, dy, offsets, dx, y.shape[1], y.stride(0), dy.stride(0),
                                                   dx.stride(0), **tiles)
         return dx, None
