@@ -1,0 +1,46 @@
+"""Static checks on the Triton kernels that the CPU interpreter cannot make.
+
+The interpreter lets a @triton.jit function read plain Python globals (an int op code, a float
+constant); Triton's GPU compiler refuses them ("Cannot access global variable ... from within
+@jit'ed function") unless they are tl.constexpr. This bit the project once; CI runs on CPU, so
+check the sources here.
+"""
+
+import ast
+import importlib
+import inspect
+import pkgutil
+import textwrap
+
+import pytest
+import triton
+
+import jagged.ops
+
+
+def jitted_functions():
+    for info in pkgutil.iter_modules(jagged.ops.__path__):
+        module = importlib.import_module(f"jagged.ops.{info.name}")
+        for name, obj in vars(module).items():
+            fn = getattr(obj, "fn", None)  # JITFunction and the interpreter's wrapper both keep .fn
+            if callable(fn) and getattr(fn, "__module__", None) == module.__name__ and \
+                    type(obj).__name__ in ("JITFunction", "InterpretedFunction"):
+                yield pytest.param(module, fn, id=f"{info.name}.{name}")
+
+
+@pytest.mark.parametrize("module, fn", list(jitted_functions()))
+def test_kernels_read_no_plain_python_globals(module, fn):
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    local_names = {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)}
+    local_names |= {t.id for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.For, ast.AugAssign))
+                    for t in ast.walk(n.targets[0] if isinstance(n, ast.Assign) else n.target)
+                    if isinstance(t, ast.Name)}
+    bad = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+                  and n.id not in local_names and n.id in vars(module)
+                  and isinstance(vars(module)[n.id], (bool, int, float, str))
+                  and not isinstance(vars(module)[n.id], triton.language.constexpr)})
+    assert not bad, f"{fn.__name__} reads plain Python globals {bad}: use tl.constexpr or a kernel argument"
+
+
+def test_the_check_finds_kernels():
+    assert len(list(jitted_functions())) >= 10
