@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import jagged
-from _common import (DEVICE, bench_main, ON_GPU, bench, jagged_inputs, padded_to_dense, padded_to_jagged, peak_memory_mib,
-                     print_table, save)
+from _common import (bench, bench_main, jagged_inputs, ON_GPU, padded_to_dense, padded_to_jagged,
+                     peak_memory_mib, print_table, save)
 
 # (B, max_L, H, D, lengths, causal): the shared peer-baseline shapes, then causal ones.
 GPU_CASES = [

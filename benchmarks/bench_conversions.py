@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 import jagged
-from _common import bench_main, op_cases, DEVICE, ON_GPU, bench, jagged_inputs, padded_to_dense, padded_to_jagged, peak_memory_mib, print_table, save
+from _common import (bench, bench_main, op_cases, padded_to_dense, padded_to_jagged, peak_memory_mib,
+                     print_table, save)
 
 GPU_CASES = [(1024, 512, 128), (256, 1024, 256)]
 CPU_CASES = [(8, 32, 16)]

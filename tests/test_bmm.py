@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import jagged
 from jagged import JaggedTensor, reference
-from helpers import DEVICE, FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, assert_close, lengths_strategy, make_offsets, random_values
+from helpers import FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, assert_close, lengths_strategy, make_offsets, random_values
 
 
 def check_jagged_dense_bmm(lengths, k_dim, n_dim, dtype, offsets_dtype=torch.int64, transposed_y=False):

@@ -147,10 +147,16 @@ def check_float_features(x, op: str) -> None:
         raise ValueError(f"x.values must be [T, *F] with at least one feature dim, got shape {tuple(x.values.shape)}")
 
 
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dim is contiguous (other strides are passed to kernels), else a
+    contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def rows_as_matrix(values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """values ``[T, *F]`` as ``[T, D]`` with unit column stride (copied only if needed), and F."""
     values2d, feature_shape = flatten_features(values, 1)
-    return (values2d if values2d.stride(1) == 1 else values2d.contiguous()), feature_shape
+    return unit_last_stride(values2d), feature_shape
 
 
 def dot_precision(dtype: torch.dtype) -> str:

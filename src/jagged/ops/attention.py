@@ -23,7 +23,7 @@ import triton.language as tl
 from .. import reference
 from ._rows import row_block, row_span
 from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_same_rows, check_tensor, dot_precision,
-                     next_power_of_2, use_triton)
+                     next_power_of_2, unit_last_stride, use_triton)
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -258,10 +258,6 @@ def _tiles(kernel: str, head_dim: int, head_dim_v: int) -> dict:
     return dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=32, num_warps=4, num_stages=3, **dims)
 
 
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale):
     total_q, heads, head_dim = q.shape
     head_dim_v = v.shape[2]
@@ -318,7 +314,7 @@ class _JaggedFlashAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, q_offsets, k_offsets = ctx.saved_tensors
         dq, dk, dv = _attention_backward(
-            _unit_last_stride(grad_out), q, k, v, out, lse, q_offsets, k_offsets, ctx.causal, ctx.scale)
+            unit_last_stride(grad_out), q, k, v, out, lse, q_offsets, k_offsets, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None, None
 
 
@@ -368,7 +364,7 @@ def jagged_flash_attention_values(
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
     if not use_triton(q):
         return reference.jagged_attention(q, k, v, q_offsets, k_offsets, causal=causal, scale=scale)
-    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+    q, k, v = (unit_last_stride(x) for x in (q, k, v))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _JaggedFlashAttention.apply(q, k, v, q_offsets, k_offsets, bool(causal), scale)
     return _attention_forward(q, k, v, q_offsets, k_offsets, bool(causal), scale)[0]  # inference: no autograd node

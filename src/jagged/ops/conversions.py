@@ -187,7 +187,7 @@ def jagged_to_padded_dense(
     """
     check_tensor(values, "values")
     if values.dim() < 1:
-        raise ValueError(f"values must be at least 1-D [T, *F], got a 0-d tensor")
+        raise ValueError("values must be at least 1-D [T, *F], got a 0-d tensor")
     check_offsets(offsets, device=values.device)
     max_len = check_max_len(max_len)
     if not use_triton(values):

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .. import reference
 from ._rows import load_row_chunk, row_span
-from ._utils import check_float_features, row_walk_launch, rows_as_matrix, use_triton
+from ._utils import check_float_features, row_walk_launch, rows_as_matrix, unit_last_stride, use_triton
 
 
 @triton.jit
@@ -66,10 +66,6 @@ def _jagged_softmax_backward_kernel(
                  (y * (dy - dot[None, :])).to(dx_ptr.dtype.element_ty), mask=in_row[:, None] & col_ok[None, :])
 
 
-def _unit_column_stride(x):
-    return x if x.stride(1) == 1 else x.contiguous()
-
-
 class _JaggedSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, offsets):
@@ -83,7 +79,7 @@ class _JaggedSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         y, offsets = ctx.saved_tensors
-        dy = _unit_column_stride(dy)
+        dy = unit_last_stride(dy)
         dx = torch.empty_like(y)
         if dx.numel():
             grid, tiles = row_walk_launch(offsets, y)
