@@ -131,3 +131,61 @@ def jagged_dense_elementwise_add(values: torch.Tensor, offsets: torch.Tensor, de
 def jagged_dense_elementwise_mul(values: torch.Tensor, offsets: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """values ``[T, *F]`` * dense ``[B, L, *F]`` at each row's positions (dense reads 0 past L)."""
     return values * dense_to_jagged(dense, offsets, values.shape[0])
+
+
+# Jagged2: one row-major L_b x L_b block per row, concatenated into a 1-D tensor [sum L_b^2].
+
+
+def _square_blocks(values: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    lengths = offsets.diff().tolist()
+    return [m.view(n, n) for m, n in zip(values.split([n * n for n in lengths]), lengths)]
+
+
+def _flatten_blocks(blocks: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """Blocks -> ``[sum L_b^2]``; ``empty`` (a 0-element tensor made from the inputs, so that
+    autograd still connects them) when B == 0."""
+    return torch.cat([b.reshape(-1) for b in blocks]) if blocks else empty
+
+
+def jagged_jagged_bmm_jagged_out(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x, y ``[T, K]`` (same rows) -> ``[sum L_b^2]``: the blocks ``x_b @ y_b^T``."""
+    lengths = offsets.diff().tolist()
+    blocks = [a @ b.t() for a, b in zip(x.split(lengths), y.split(lengths))]
+    return _flatten_blocks(blocks, (x[:0] @ y[:0].t()).reshape(-1))
+
+
+def jagged2_softmax(values: torch.Tensor, offsets: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+    """Softmax along each line of every block (float32 math); causal: over ``j <= i``, 0 above."""
+    blocks = []
+    for m in _square_blocks(values, offsets):
+        scores = m.float()
+        if causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        blocks.append(torch.softmax(scores, dim=-1).to(values.dtype))
+    return _flatten_blocks(blocks, values[:0])
+
+
+def jagged2_to_padded_dense(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
+                            padding_value: float = 0.0) -> torch.Tensor:
+    """Blocks -> ``[B, max_len, max_len]`` (cut to the top-left corner, padded elsewhere)."""
+    dense = []
+    for m in _square_blocks(values, offsets):
+        n = min(m.shape[0], max_len)
+        dense.append(torch.nn.functional.pad(m[:n, :n], (0, max_len - n, 0, max_len - n), value=padding_value))
+    return torch.stack(dense) if dense else values[:0].reshape(0, 1, 1).expand(0, max_len, max_len)
+
+
+def dense_to_jagged2(dense: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``[B, N, M]`` -> blocks: the top-left ``L_b x L_b`` of ``dense[b]``, 0 past N or M."""
+    blocks = []
+    for b, n in enumerate(offsets.diff().tolist()):
+        lines, cols = min(n, dense.shape[1]), min(n, dense.shape[2])
+        blocks.append(torch.nn.functional.pad(dense[b, :lines, :cols], (0, n - cols, 0, n - lines)))
+    return _flatten_blocks(blocks, dense.reshape(-1)[:0])
+
+
+def jagged2_jagged_bmm(p: torch.Tensor, offsets: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Blocks ``p`` and v ``[T, N]`` -> ``[T, N]``: ``p_b @ v_b`` per row."""
+    lengths = offsets.diff().tolist()
+    out = [m @ r for m, r in zip(_square_blocks(p, offsets), v.split(lengths))]
+    return torch.cat(out) if out else p[:0, None] * v[:0]

@@ -54,3 +54,13 @@ def row_block(offsets_ptr, slot, batch_size, search_steps, BLOCK: tl.constexpr):
     row = find_row(offsets_ptr, slot, batch_size, search_steps, BLOCK)
     begin, length = row_span(offsets_ptr, row)
     return row, begin, length, slot - (begin // BLOCK + row)
+
+
+@triton.jit
+def square_tile_offsets(square_begin, length, rows, cols, TRANSPOSE: tl.constexpr):
+    """Flat offsets of the entries (rows x cols) of a row's ``length x length`` jagged2 block
+    (row-major from ``square_begin``); TRANSPOSE gives entry (cols, rows) instead: the
+    transposed matrix without a copy."""
+    if TRANSPOSE:
+        return square_begin + cols[None, :] * length + rows[:, None]
+    return square_begin + rows[:, None] * length + cols[None, :]

@@ -18,6 +18,7 @@ import torch
 TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 OFFSET_DTYPES = (torch.int32, torch.int64)
+MATMUL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -182,3 +183,28 @@ def row_walk_launch(offsets: torch.Tensor, values2d: torch.Tensor) -> tuple[tupl
     fill the GPU even at B = 256 (benchmarks/NOTES.md), and ~8 KB token chunks."""
     block_t, block_d = memory_tile(values2d.shape[1], values2d.element_size(), tile_bytes=8192, max_block_d=64)
     return (offsets.numel() - 1, cdiv(values2d.shape[1], block_d)), dict(BLOCK_T=block_t, BLOCK_D=block_d)
+
+
+def check_jagged2(s, name: str) -> None:
+    """``s`` must be a Jagged2Tensor with floating values."""
+    from ..jagged2 import Jagged2Tensor
+
+    if not isinstance(s, Jagged2Tensor):
+        raise TypeError(f"{name} must be a jagged.Jagged2Tensor, got {type(s).__name__}")
+    if not s.values.is_floating_point():
+        raise ValueError(f"{name} must have floating-point values, got {s.dtype}")
+
+
+def check_jagged_matrix(x, name: str, dtype=None, device=None) -> None:
+    """``x`` must be a JaggedTensor with 2-D float16/bfloat16/float32 values (and, if given,
+    ``dtype`` on ``device``)."""
+    from ..tensor import JaggedTensor
+
+    if not isinstance(x, JaggedTensor):
+        raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
+    if x.values.dim() != 2:
+        raise ValueError(f"{name}.values must be 2-D [T, D], got shape {tuple(x.values.shape)}")
+    if x.dtype not in MATMUL_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if dtype is not None and (x.dtype != dtype or x.device != device):
+        raise ValueError(f"{name} must have dtype {dtype} on {device}, got {x.dtype} on {x.device}")

@@ -14,10 +14,8 @@ import triton.language as tl
 
 from .. import reference
 from ._rows import row_block, row_span
-from ._utils import (TRITON_INTERPRETER, binary_search_steps, cdiv, check_same_rows, check_tensor, dot_precision,
-                     use_triton)
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._utils import (TRITON_INTERPRETER, binary_search_steps, cdiv, check_jagged_matrix, check_same_rows, check_tensor,
+                     dot_precision, use_triton)
 
 
 @triton.jit(do_not_specialize=["batch_size", "search_steps"])
@@ -143,19 +141,6 @@ class _JaggedJaggedBmm(torch.autograd.Function):
         return dx, dy, None
 
 
-def _check_matrix_values(x, name: str, dtype=None, device=None):
-    from ..tensor import JaggedTensor
-
-    if not isinstance(x, JaggedTensor):
-        raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
-    if x.values.dim() != 2:
-        raise ValueError(f"{name}.values must be 2-D [T, D], got shape {tuple(x.values.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
-    if dtype is not None and (x.dtype != dtype or x.device != device):
-        raise ValueError(f"{name} must have dtype {dtype} on {device}, got {x.dtype} on {x.device}")
-
-
 def jagged_dense_bmm(x, y: torch.Tensor):
     """Each row's block of x times that row's own dense matrix.
 
@@ -177,7 +162,7 @@ def jagged_dense_bmm(x, y: torch.Tensor):
         >>> jagged.jagged_dense_bmm(x, torch.randn(3, 8, 4)).values.shape
         torch.Size([8, 4])
     """
-    _check_matrix_values(x, "x")
+    check_jagged_matrix(x, "x")
     check_tensor(y, "y")
     if y.dim() != 3 or y.shape[0] != x.batch_size or y.shape[1] != x.values.shape[1]:
         raise ValueError(f"y must be [B={x.batch_size}, K={x.values.shape[1]}, N], got shape {tuple(y.shape)}")
@@ -203,8 +188,8 @@ def jagged_jagged_bmm(x, y) -> torch.Tensor:
     Raises:
         TypeError for non-JaggedTensors; ValueError for wrong ranks, dtypes, devices or rows.
     """
-    _check_matrix_values(x, "x")
-    _check_matrix_values(y, "y", x.dtype, x.device)
+    check_jagged_matrix(x, "x")
+    check_jagged_matrix(y, "y", x.dtype, x.device)
     check_same_rows(y, x, "y", "x")
     if not use_triton(x.values):
         return reference.jagged_jagged_bmm(x.values, y.values, x.offsets)

@@ -1,0 +1,136 @@
+"""Softmax along each line of every ``L_b x L_b`` jagged2 block (optionally causal): Triton
+forward and backward kernels, autograd, public API."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._rows import row_block, square_tile_offsets
+from ._utils import TRITON_INTERPRETER, binary_search_steps, check_jagged2, unit_last_stride, use_triton
+
+
+@triton.jit
+def _visible_tile(square_begin, length, offs_m, start, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Columns [start, start + BLOCK_N) of lines offs_m: their flat offsets, which entries exist
+    (inside the block) and which take part in the softmax (inside, and j <= i when causal)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    inside = (offs_m < length)[:, None] & (offs_n < length)[None, :]
+    visible = inside
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    return square_tile_offsets(square_begin, length, offs_m, offs_n, False), inside, visible
+
+
+@triton.jit(do_not_specialize=["batch_size", "search_steps"])
+def _jagged2_softmax_forward_kernel(
+    s_ptr, y_ptr, offsets_ptr, square_offsets_ptr, batch_size, search_steps,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per block of BLOCK_M lines of one row (work slots). Pass 1: online max and
+    # rescaled sum; pass 2: normalise and write (0 at causally hidden entries). Line i always
+    # sees j = i, so no line is empty.
+    row, _, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    if block * BLOCK_M < length:
+        square_begin = tl.load(square_offsets_ptr + row)
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        # Causal lines end at i: stop at the block's last line.
+        end = tl.minimum(length, (block + 1) * BLOCK_M) if CAUSAL else length
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, end, BLOCK_N):
+            offsets, _, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
+            s = tl.load(s_ptr + offsets, mask=visible, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            # -inf so far (a padded line, or -inf inputs): shift by 0, never inf - inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        # Lines past the row end have total = 0; divide them by 1 (they are not stored).
+        total = tl.where(offs_m < length, total, 1.0)
+        for start in range(0, length, BLOCK_N):
+            offsets, inside, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
+            s = tl.load(s_ptr + offsets, mask=visible, other=float("-inf")).to(tl.float32)
+            y = tl.where(visible, tl.exp(s - m_safe[:, None]) / total[:, None], 0.0)
+            tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["batch_size", "search_steps"])
+def _jagged2_softmax_backward_kernel(
+    y_ptr, dy_ptr, dx_ptr, offsets_ptr, square_offsets_ptr, batch_size, search_steps,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # dx = y * (dy - sum_j(y * dy)) per line; hidden entries have y = 0, so dx = 0 there.
+    row, _, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    if block * BLOCK_M < length:
+        square_begin = tl.load(square_offsets_ptr + row)
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        end = tl.minimum(length, (block + 1) * BLOCK_M) if CAUSAL else length
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, end, BLOCK_N):
+            offsets, _, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
+            y = tl.load(y_ptr + offsets, mask=visible, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offsets, mask=visible, other=0.0).to(tl.float32)
+            acc += y * dy
+        line_dot = tl.sum(acc, 1)
+        for start in range(0, length, BLOCK_N):
+            offsets, inside, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
+            y = tl.load(y_ptr + offsets, mask=visible, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offsets, mask=visible, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + offsets, (y * (dy - line_dot[:, None])).to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+def _launch(kernel, tensors, offsets, square_offsets, total_len, causal):
+    """Launch ``kernel`` over work slots of BLOCK_M lines: 16 x 16 tiles under the interpreter,
+    32 lines x 128 columns (16 KB of float32) on the GPU."""
+    block_m, block_n = (4, 8) if TRITON_INTERPRETER else (32, 128)
+    batch_size = offsets.numel() - 1
+    kernel[(batch_size + total_len // block_m,)](
+        *tensors, offsets, square_offsets, batch_size, binary_search_steps(batch_size),
+        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+
+
+class _Jagged2Softmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, offsets, square_offsets, total_len, causal):
+        s = unit_last_stride(s)
+        y = torch.empty_like(s)
+        if y.numel():
+            _launch(_jagged2_softmax_forward_kernel, (s, y), offsets, square_offsets, total_len, causal)
+        ctx.save_for_backward(y, offsets, square_offsets)
+        ctx.total_len, ctx.causal = total_len, causal
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, offsets, square_offsets = ctx.saved_tensors
+        dy = unit_last_stride(dy)
+        dx = torch.empty_like(y)
+        if dx.numel():
+            _launch(_jagged2_softmax_backward_kernel, (y, dy, dx), offsets, square_offsets, ctx.total_len, ctx.causal)
+        return dx, None, None, None, None
+
+
+def jagged2_softmax(s, *, causal: bool = False):
+    """Softmax along each line ``i`` of every ``L_b x L_b`` block: ``y[i, j] = exp(s[i, j]) /
+    sum_j' exp(s[i, j'])`` (computed in float32).
+
+    Args:
+        s: :class:`jagged.Jagged2Tensor` (float16, bfloat16, float32).
+        causal: line i takes part only over ``j <= i``; entries ``j > i`` are 0 in the result
+            (and get zero gradient).
+
+    Returns:
+        Jagged2Tensor with s's layout and dtype. Differentiable w.r.t. ``s.values``. A line of
+        all -inf gives NaN, as ``torch.softmax`` does; NaN propagates.
+
+    Raises:
+        TypeError if s is not a Jagged2Tensor; ValueError for non-float values.
+    """
+    check_jagged2(s, "s")
+    if not use_triton(s.values):
+        return s.with_values(reference.jagged2_softmax(s.values, s.offsets, causal=causal))
+    return s.with_values(_Jagged2Softmax.apply(s.values, s.offsets, s.square_offsets, s.total_len, bool(causal)))
