@@ -1,13 +1,17 @@
-"""Benchmark jagged pooling, softmax and batched matmuls against what a user would otherwise run.
+"""Benchmark the jagged feature-interaction ops against what a user would otherwise run.
 
 Methods, on the same jagged inputs:
-- jagged: this library (jagged_sum, jagged_mean, jagged_softmax);
+- jagged: this library;
 - segment_reduce: torch.segment_reduce with offsets (sum, mean), the strongest shipped peer;
+- aten: torch.ops.aten._padded_dense_to_jagged_forward + the op (elementwise add/mul);
 - padded: pad -> torch op with a length mask -> (unpad), as a user without this library writes it.
 
 GB/s counts bytes read + written once: pooling reads T*D and writes B*D; softmax reads and
-writes T*D. The matmuls (jagged_dense_bmm: [T, D] x [B, D, D]; jagged_jagged_bmm: [T, D] x [T, D]
--> [B, D, D]) report TFLOP/s on real work, 2*T*D*D, against pad -> torch.bmm -> unpad.
+writes T*D; elementwise reads x and the dense positions it uses and writes T*D. The matmuls
+(jagged_dense_bmm: [T, D] x [B, D, D]; jagged_jagged_bmm: [T, D] x [T, D] -> [B, D, D]) report
+TFLOP/s on real work, 2*T*D*D, against pad -> torch.bmm -> unpad. jagged2_attention is the
+unfused chain jagged_jagged_bmm_jagged_out -> jagged2_softmax -> jagged2_jagged_bmm (one head,
+q = k = v = x), 4*sum(L^2)*D FLOPs, against the padded chain bmm -> masked softmax -> bmm.
 
     python benchmarks/bench_ops.py [--quick] [--out results]
 """
@@ -22,6 +26,8 @@ from _common import (bench, bench_main, DEVICE, length_mask, op_cases, padded_to
                      peak_memory_mib, print_table, save)
 
 GPU_CASES = [(1024, 512, 128), (256, 1024, 256)]
+OPS = ("sum", "mean", "softmax", "elementwise_add", "elementwise_mul", "jagged_dense_bmm", "jagged_jagged_bmm",
+       "jagged2_attention")
 CPU_CASES = [(8, 32, 16)]
 
 
@@ -38,8 +44,32 @@ def padded_softmax(values, offsets, max_len):
     return padded_to_jagged(torch.softmax(dense.float(), dim=1).to(values.dtype), offsets)
 
 
-def methods(op, offsets, max_len, dense_operand):
+def padded_attention(values, offsets, max_len):
+    dense = padded_to_dense(values, offsets, max_len)
+    scores = torch.bmm(dense, dense.transpose(1, 2)).float()
+    scores = scores.masked_fill(~length_mask(offsets, max_len)[:, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(values.dtype)
+    return padded_to_jagged(torch.bmm(weights, dense), offsets)
+
+
+def jagged2_attention(x):
+    weights = jagged.jagged2_softmax(jagged.jagged_jagged_bmm_jagged_out(x, x))
+    return jagged.jagged2_jagged_bmm(weights, x).values
+
+
+def methods(op, offsets, max_len, dense_operand, dense_rows):
     jt = lambda v: jagged.JaggedTensor(v, offsets, max_len=max_len, validate=False)  # noqa: E731
+    if op.startswith("elementwise"):
+        add = op.endswith("add")
+        apply = (lambda a, b: a + b) if add else (lambda a, b: a * b)
+        fn = jagged.jagged_dense_elementwise_add if add else jagged.jagged_dense_elementwise_mul
+        aten_gather = lambda v: torch.ops.aten._padded_dense_to_jagged_forward(dense_rows, [offsets], v.shape[0])  # noqa: E731
+        return {"jagged": lambda v: fn(jt(v), dense_rows).values,
+                "aten": lambda v: apply(v, aten_gather(v)),
+                "padded": lambda v: apply(v, padded_to_jagged(dense_rows, offsets))}
+    if op == "jagged2_attention":
+        return {"jagged": lambda v: jagged2_attention(jt(v)),
+                "padded": lambda v: padded_attention(v, offsets, max_len)}
     if op == "jagged_dense_bmm":
         return {"jagged": lambda v: jagged.jagged_dense_bmm(jt(v), dense_operand).values,
                 "padded": lambda v: padded_to_jagged(torch.bmm(padded_to_dense(v, offsets, max_len), dense_operand), offsets)}
@@ -62,14 +92,19 @@ def run(quick=False, out="results"):
         batch_size, max_len, feature_dim = case["B"], case["max_L"], case["D"]
         e = values.element_size()
         dense_operand = torch.randn(batch_size, feature_dim, feature_dim, device=DEVICE).to(values.dtype)
-        for op in ("sum", "mean", "softmax", "jagged_dense_bmm", "jagged_jagged_bmm"):
-            nbytes = (2 * total_len if op == "softmax" else total_len + batch_size) * feature_dim * e
+        dense_rows = torch.randn(batch_size, max_len, feature_dim, device=DEVICE).to(values.dtype)
+        lengths = offsets.diff()
+        for op in OPS:
+            nbytes = {"softmax": 2 * total_len, "elementwise_add": 3 * total_len,
+                      "elementwise_mul": 3 * total_len}.get(op, total_len + batch_size) * feature_dim * e
             flops = 2 * total_len * feature_dim * feature_dim
-            for name, fn in methods(op, offsets, max_len, dense_operand).items():
+            if op == "jagged2_attention":
+                flops = 4 * int((lengths * lengths).sum()) * feature_dim
+            for name, fn in methods(op, offsets, max_len, dense_operand, dense_rows).items():
                 leaf = values.detach().requires_grad_(True)
                 grad = torch.randn_like(fn(leaf))
                 row = {"op": op, **case, "method": name, "fwd_ms": bench(lambda: fn(values))}
-                if op.endswith("bmm"):
+                if op.endswith("bmm") or op == "jagged2_attention":
                     row["fwd_TFLOPs"] = flops / row["fwd_ms"] / 1e9
                 else:
                     row["fwd_GBps"] = nbytes / row["fwd_ms"] / 1e6
@@ -105,7 +140,7 @@ def summarise(rows):
 
 
 def main(argv=None):
-    bench_main(__doc__, "pooling and softmax", run, summarise, argv)
+    bench_main(__doc__, "feature-interaction ops", run, summarise, argv)
 
 
 if __name__ == "__main__":

@@ -177,12 +177,15 @@ def check_same_rows(a, b, name_a: str, name_b: str) -> None:
         raise ValueError(f"{name_a} must have {name_b}'s rows (the same offsets)")
 
 
-def row_walk_launch(offsets: torch.Tensor, values2d: torch.Tensor) -> tuple[tuple[int, int], dict]:
+def row_walk_launch(offsets: torch.Tensor, values2d: torch.Tensor, tile_bytes: int = 8192, max_block_d: int = 64,
+                    num_warps: int = 4) -> tuple[tuple[int, int], dict]:
     """Grid and block sizes for kernels where one program walks a whole row for a block of
-    columns (pooling, softmax): at most 64 columns per program, so that B * D / 64 programs
-    fill the GPU even at B = 256 (benchmarks/NOTES.md), and ~8 KB token chunks."""
-    block_t, block_d = memory_tile(values2d.shape[1], values2d.element_size(), tile_bytes=8192, max_block_d=64)
-    return (offsets.numel() - 1, cdiv(values2d.shape[1], block_d)), dict(BLOCK_T=block_t, BLOCK_D=block_d)
+    columns (pooling, softmax): by default at most 64 columns per program, so that B * D / 64
+    programs fill the GPU even at B = 256 (benchmarks/NOTES.md), and ~8 KB token chunks."""
+    block_t, block_d = memory_tile(values2d.shape[1], values2d.element_size(), tile_bytes=tile_bytes,
+                                   max_block_d=max_block_d)
+    return (offsets.numel() - 1, cdiv(values2d.shape[1], block_d)), dict(BLOCK_T=block_t, BLOCK_D=block_d,
+                                                                         num_warps=num_warps)
 
 
 def check_jagged2(s, name: str) -> None:

@@ -55,12 +55,18 @@ def _jagged_to_padded_dense_kernel(
     )
 
 
+# What the gather kernel does with the gathered dense value y and a jagged operand x (its OP
+# constexpr; the kernel compares with the literals, since Triton's compiler, unlike its
+# interpreter, reads no plain Python globals).
+GATHER, GATHER_ADD, GATHER_MUL = 0, 1, 2
+
+
 @triton.jit(do_not_specialize=["total_len", "batch_size", "dense_len", "search_steps"])
 def _dense_to_jagged_kernel(
-    dense_ptr, offsets_ptr, values_ptr,
+    dense_ptr, offsets_ptr, values_ptr, jagged_ptr,
     total_len, batch_size, dense_len, feature_dim, search_steps,
-    stride_db, stride_dl, stride_dd, stride_vt, stride_vd,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_db, stride_dl, stride_dd, stride_vt, stride_vd, stride_jt, stride_jd,
+    OP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per block of jagged tokens: the grid covers real work only, however skewed the
     # lengths. Each token finds its row by a binary search over the offsets (cached, log2(B)).
@@ -77,11 +83,15 @@ def _dense_to_jagged_kernel(
         mask=inside[:, None] & col_ok[None, :],
         other=0.0,
     )
-    tl.store(
-        values_ptr + token[:, None] * stride_vt + cols[None, :] * stride_vd,
-        x,
-        mask=token_ok[:, None] & col_ok[None, :],
-    )
+    out_mask = token_ok[:, None] & col_ok[None, :]
+    if OP != 0:  # GATHER_ADD or GATHER_MUL: fused op with a jagged operand (ops/elementwise.py)
+        other = tl.load(jagged_ptr + token[:, None] * stride_jt + cols[None, :] * stride_jd, mask=out_mask, other=0.0)
+        if OP == 1:  # GATHER_ADD
+            x = other.to(tl.float32) + x.to(tl.float32)
+        else:
+            x = other.to(tl.float32) * x.to(tl.float32)
+    tl.store(values_ptr + token[:, None] * stride_vt + cols[None, :] * stride_vd,
+             x.to(values_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _launch_jagged_to_padded_dense(values2d, offsets, max_len, padding_value):
@@ -103,20 +113,25 @@ def _launch_jagged_to_padded_dense(values2d, offsets, max_len, padding_value):
     return dense
 
 
-def _launch_dense_to_jagged(dense3d, offsets, total_len):
+def _launch_dense_to_jagged(dense3d, offsets, total_len, jagged2d=None, op=GATHER):
+    """values[t] = dense[row(t), pos(t)] (0 past the dense length), or that value combined with
+    ``jagged2d[t]`` by ``op`` (GATHER_ADD / GATHER_MUL)."""
     batch_size, dense_len, feature_dim = dense3d.shape
     values = torch.empty((total_len, feature_dim), dtype=dense3d.dtype, device=dense3d.device)
     if values.numel() == 0:
         return values
-    if batch_size == 0 or dense_len == 0:
+    if batch_size == 0 or dense_len == 0:  # every position reads 0
+        if op == GATHER_ADD:
+            return values.copy_(jagged2d)
         return values.zero_()
+    other = values if jagged2d is None else jagged2d
     block_t, block_d = memory_tile(feature_dim, dense3d.element_size())
     grid = (cdiv(total_len, block_t), cdiv(feature_dim, block_d))
     _dense_to_jagged_kernel[grid](
-        dense3d, offsets, values,
+        dense3d, offsets, values, other,
         total_len, batch_size, dense_len, feature_dim, binary_search_steps(batch_size),
         dense3d.stride(0), dense3d.stride(1), dense3d.stride(2), values.stride(0), values.stride(1),
-        BLOCK_T=block_t, BLOCK_D=block_d,
+        other.stride(0), other.stride(1), OP=op, BLOCK_T=block_t, BLOCK_D=block_d,
     )
     return values
 

@@ -1,9 +1,5 @@
-"""Jagged (+|*) dense elementwise ops with a jagged output: autograd and public API.
-
-The dense operand is gathered to the jagged layout by the dense->jagged kernel of
-ops/conversions.py, then added or multiplied by PyTorch: one pass more than a fused kernel. A fused
-version (the gather kernel with the op applied) was written and passed the interpreter tests, but
-could not be verified on the GPU in its session; it waits for that (benchmarks/NOTES.md).
+"""Jagged (+|*) dense elementwise ops with a jagged output: autograd and public API. The kernel is
+the dense->jagged gather of ops/conversions.py with the op fused in (OP constexpr).
 
 Positions a row has beyond the dense tensor's length L read the dense operand as 0 (FBGEMM's
 convention): ``add`` leaves x there, ``mul`` gives 0.
@@ -15,27 +11,28 @@ import torch
 
 from .. import reference
 from ._utils import check_tensor, flatten_features, use_triton
-from .conversions import _launch_dense_to_jagged, _launch_jagged_to_padded_dense
-
-ADD, MUL = "add", "mul"
+from .conversions import GATHER_ADD, GATHER_MUL, _launch_dense_to_jagged, _launch_jagged_to_padded_dense
 
 
 class _JaggedDenseElementwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, dense3d, offsets, op):
-        # dense[row(t), pos(t)] at every jagged position, 0 past the dense length.
-        gathered = _launch_dense_to_jagged(dense3d, offsets, x2d.shape[0])
-        ctx.save_for_backward(x2d, gathered if op == MUL else None, offsets)
-        ctx.op, ctx.dense_len = op, dense3d.shape[1]
-        return x2d + gathered if op == ADD else x2d * gathered
+        ctx.save_for_backward(x2d, dense3d, offsets)
+        ctx.op = op
+        return _launch_dense_to_jagged(dense3d, offsets, x2d.shape[0], x2d, op)
 
     @staticmethod
     def backward(ctx, grad):
-        x2d, gathered, offsets = ctx.saved_tensors
-        # Positions past L never read the dense operand: no gradient flows there.
-        if ctx.op == ADD:
-            return grad, _launch_jagged_to_padded_dense(grad, offsets, ctx.dense_len, 0.0), None, None
-        return grad * gathered, _launch_jagged_to_padded_dense(grad * x2d, offsets, ctx.dense_len, 0.0), None, None
+        x2d, dense3d, offsets = ctx.saved_tensors
+        dense_len = dense3d.shape[1]
+        if ctx.op == GATHER_ADD:
+            dx = grad
+            # Positions past L never read the dense operand: no gradient flows there.
+            ddense = _launch_jagged_to_padded_dense(grad, offsets, dense_len, 0.0)
+        else:
+            dx = _launch_dense_to_jagged(dense3d, offsets, x2d.shape[0], grad, GATHER_MUL)
+            ddense = _launch_jagged_to_padded_dense(grad * x2d, offsets, dense_len, 0.0)
+        return dx, ddense, None, None
 
 
 def _elementwise(x, y, op, name):
@@ -51,7 +48,7 @@ def _elementwise(x, y, op, name):
         raise ValueError(f"{name} needs floating x and y of one dtype and device, got {x.dtype} on {x.device} "
                          f"and {y.dtype} on {y.device}")
     if not use_triton(x.values):
-        fn = reference.jagged_dense_elementwise_add if op == ADD else reference.jagged_dense_elementwise_mul
+        fn = reference.jagged_dense_elementwise_add if op == GATHER_ADD else reference.jagged_dense_elementwise_mul
         return x.with_values(fn(x.values, x.offsets, y))
     x2d, _ = flatten_features(x.values, 1)
     y3d, _ = flatten_features(y, 2)
@@ -65,11 +62,11 @@ def jagged_dense_elementwise_add(x, y: torch.Tensor):
     as 0 (x passes through), as in FBGEMM. Differentiable w.r.t. x's values and y (y's padded
     positions get zero gradient). Raises TypeError / ValueError for a non-JaggedTensor x, mismatched
     shapes, dtypes or devices."""
-    return _elementwise(x, y, ADD, "jagged_dense_elementwise_add")
+    return _elementwise(x, y, GATHER_ADD, "jagged_dense_elementwise_add")
 
 
 def jagged_dense_elementwise_mul(x, y: torch.Tensor):
     """``x * y`` at each row's positions, like :func:`jagged_dense_elementwise_add`; where a row is
     longer than L, y reads as 0, so the product is 0 there (NaN for inf/NaN x, as IEEE has it).
     Differentiable w.r.t. x's values and y."""
-    return _elementwise(x, y, MUL, "jagged_dense_elementwise_mul")
+    return _elementwise(x, y, GATHER_MUL, "jagged_dense_elementwise_mul")

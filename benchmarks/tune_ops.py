@@ -1,0 +1,80 @@
+"""Sweep tile configs of the batched-matmul and softmax kernels on the GPU (median launcher
+time, do_bench), each config's output checked against the default config's. One line per
+(shape, kernel, config); the winners go into ops/bmm.py::_tiles and ops/softmax.py.
+
+    python benchmarks/tune_ops.py [--kernel jagged_dense_bmm|jagged_jagged_bmm|softmax]
+"""
+
+import argparse
+
+import torch
+import triton.testing
+
+from _common import jagged_inputs
+from jagged.ops import bmm, softmax
+
+SHAPES = [(1024, 512, 128), (256, 1024, 256)]  # B, max_L, D (the issue's shapes)
+BMM = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+    (64, 128, 64, 4, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3),
+    (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4),
+    (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
+]
+SOFTMAX = [  # tile bytes, max columns per program, num_warps
+    (8192, 64, 4), (16384, 64, 4), (4096, 64, 4), (8192, 32, 4), (4096, 32, 2), (16384, 128, 8), (8192, 64, 8),
+    (32768, 64, 8), (2048, 32, 1), (4096, 16, 1),
+]
+
+
+def sweep_bmm(kernel, values, offsets, dense, label):
+    launch = bmm._launch_jagged_dense_bmm if kernel == "jagged_dense_bmm" else bmm._launch_jagged_jagged_bmm
+    args = (values, dense, offsets) if kernel == "jagged_dense_bmm" else (values, values, offsets)
+    flops = 2 * values.shape[0] * values.shape[1] * values.shape[1]
+    expected = launch(*args).float()
+    default_tiles = bmm._tiles
+    for config in BMM:
+        bmm._tiles = lambda a, b, c=config: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c))
+        try:
+            err = float((launch(*args).float() - expected).norm() / expected.norm())
+            ms = triton.testing.do_bench(lambda: launch(*args), warmup=25, rep=100, return_mode="median")
+            print(f"{label} {kernel} {config}: {ms * 1000:8.1f} us {flops / ms / 1e9:6.1f} TFLOP/s rel.diff {err:.1e}",
+                  flush=True)
+        except Exception as e:  # out of shared memory / registers for this config
+            print(f"{label} {kernel} {config}: failed ({type(e).__name__})", flush=True)
+        finally:
+            bmm._tiles = default_tiles
+
+
+def sweep_softmax(values, offsets, label):
+    nbytes = 2 * values.numel() * values.element_size()
+    default_launch = softmax.row_walk_launch
+    expected = softmax._JaggedSoftmax.apply(values, offsets).float()
+    for config in SOFTMAX:
+        softmax.row_walk_launch = lambda o, v, c=config: default_launch(o, v, *c)
+        try:
+            fn = lambda: softmax._JaggedSoftmax.apply(values, offsets)  # noqa: E731
+            err = float((fn().float() - expected).norm() / expected.norm())
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            print(f"{label} softmax {config}: {ms * 1000:8.1f} us {nbytes / ms / 1e6:7.0f} GB/s rel.diff {err:.1e}",
+                  flush=True)
+        finally:
+            softmax.row_walk_launch = default_launch
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kernel", choices=["jagged_dense_bmm", "jagged_jagged_bmm", "softmax"], action="append")
+    kernels = parser.parse_args().kernel or ["jagged_dense_bmm", "jagged_jagged_bmm", "softmax"]
+    for batch, max_len, dim in SHAPES:
+        for dist in ("unif", "skew"):
+            values, offsets, _, _ = jagged_inputs(batch, max_len, dim, torch.bfloat16, dist)
+            dense = torch.randn(batch, dim, dim, device=values.device).to(values.dtype)
+            label = f"B={batch} L={max_len} D={dim} {dist} bf16"
+            for kernel in kernels:
+                if kernel == "softmax":
+                    sweep_softmax(values, offsets, label)
+                else:
+                    sweep_bmm(kernel, values, offsets, dense, label)
+
+
+if __name__ == "__main__":
+    main()
