@@ -1,6 +1,6 @@
 """Sweep tile configs of the batched-matmul and softmax kernels on the GPU (median launcher
 time, do_bench), each config's output checked against the default config's. One line per
-(shape, kernel, config); the winners go into ops/bmm.py::_tiles and ops/softmax.py.
+(shape, kernel, config); the winners go into ops/bmm.py (*_tiles) and ops/softmax.py.
 
     python benchmarks/tune_ops.py [--kernel jagged_dense_bmm|jagged_jagged_bmm|softmax]
 """
@@ -30,9 +30,11 @@ def sweep_bmm(kernel, values, offsets, dense, label):
     args = (values, dense, offsets) if kernel == "jagged_dense_bmm" else (values, values, offsets)
     flops = 2 * values.shape[0] * values.shape[1] * values.shape[1]
     expected = launch(*args).float()
-    default_tiles = bmm._tiles
+    tiles_name = "_dense_bmm_tiles" if kernel == "jagged_dense_bmm" else "_jagged_bmm_tiles"
+    default_tiles = getattr(bmm, tiles_name)
     for config in BMM:
-        bmm._tiles = lambda a, b, c=config: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c))
+        setattr(bmm, tiles_name,
+                lambda a, b, c=config: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c)))
         try:
             err = float((launch(*args).float() - expected).norm() / expected.norm())
             ms = triton.testing.do_bench(lambda: launch(*args), warmup=25, rep=100, return_mode="median")
@@ -41,7 +43,7 @@ def sweep_bmm(kernel, values, offsets, dense, label):
         except Exception as e:  # out of shared memory / registers for this config
             print(f"{label} {kernel} {config}: failed ({type(e).__name__})", flush=True)
         finally:
-            bmm._tiles = default_tiles
+            setattr(bmm, tiles_name, default_tiles)
 
 
 def sweep_softmax(values, offsets, label):
@@ -49,7 +51,7 @@ def sweep_softmax(values, offsets, label):
     default_launch = softmax.row_walk_launch
     expected = softmax._JaggedSoftmax.apply(values, offsets).float()
     for config in SOFTMAX:
-        softmax.row_walk_launch = lambda o, v, c=config: default_launch(o, v, *c)
+        softmax.row_walk_launch = lambda o, v, tile_bytes=None, c=config: default_launch(o, v, *c)
         try:
             fn = lambda: softmax._JaggedSoftmax.apply(values, offsets)  # noqa: E731
             err = float((fn().float() - expected).norm() / expected.norm())

@@ -1,9 +1,12 @@
 """Static checks on the Triton kernels that the CPU interpreter cannot make.
 
-The interpreter lets a @triton.jit function read plain Python globals (an int op code, a float
-constant); Triton's GPU compiler refuses them ("Cannot access global variable ... from within
-@jit'ed function") unless they are tl.constexpr. This bit the project once; CI runs on CPU, so
-check the sources here.
+- The interpreter lets a @triton.jit function read plain Python globals (an int op code, a float
+  constant); Triton's GPU compiler refuses them ("Cannot access global variable ... from within
+  @jit'ed function") unless they are tl.constexpr.
+- The compiler treats a name assigned before a loop and again inside it as loop-carried and
+  demands one type; the interpreter does not. ``_`` (a discarded int before the loop, a discarded
+  mask inside) bit the project this way.
+Both passed CI on CPU and failed on the GPU once; CI runs on CPU, so check the sources here.
 """
 
 import ast
@@ -40,6 +43,32 @@ def test_kernels_read_no_plain_python_globals(module, fn):
                   and isinstance(vars(module)[n.id], (bool, int, float, str))
                   and not isinstance(vars(module)[n.id], triton.language.constexpr)})
     assert not bad, f"{fn.__name__} reads plain Python globals {bad}: use tl.constexpr or a kernel argument"
+
+
+def loop_carried_discards(stmts, defined):
+    """Lines of loops that assign ``_`` while an enclosing scope already did. Names assigned in
+    a loop body stay inside it (Triton does not carry them out); ``if`` bodies leak outwards."""
+    found = []
+    for stmt in stmts:
+        if isinstance(stmt, (ast.For, ast.While)):
+            inner = {t.id for n in stmt.body for a in ast.walk(n) if isinstance(a, ast.Assign)
+                     for target in a.targets for t in ast.walk(target) if isinstance(t, ast.Name)}
+            if "_" in inner and "_" in defined:
+                found.append(stmt.lineno)
+            found += loop_carried_discards(stmt.body, set(defined))
+        elif isinstance(stmt, ast.If):
+            found += loop_carried_discards(stmt.body, defined)
+            found += loop_carried_discards(stmt.orelse, defined)
+        elif isinstance(stmt, ast.Assign):
+            defined |= {t.id for target in stmt.targets for t in ast.walk(target) if isinstance(t, ast.Name)}
+    return found
+
+
+@pytest.mark.parametrize("module, fn", list(jitted_functions()))
+def test_discarded_names_are_not_loop_carried(module, fn):
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    lines = loop_carried_discards(tree.body[0].body, set())
+    assert not lines, f"{fn.__name__}: '_' is assigned before the loop at line(s) {lines} and inside it"
 
 
 def test_the_check_finds_kernels():

@@ -32,7 +32,8 @@ def _jagged2_softmax_forward_kernel(
     # One program per block of BLOCK_M lines of one row (work slots). Pass 1: online max and
     # rescaled sum; pass 2: normalise and write (0 at causally hidden entries). Line i always
     # sees j = i, so no line is empty.
-    row, _, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps,
+                                          BLOCK_M)
     if block * BLOCK_M < length:
         square_begin = tl.load(square_offsets_ptr + row)
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -41,7 +42,7 @@ def _jagged2_softmax_forward_kernel(
         m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, end, BLOCK_N):
-            offsets, _, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
+            offsets, inside, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
             s = tl.load(s_ptr + offsets, mask=visible, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(s, 1))
             # -inf so far (a padded line, or -inf inputs): shift by 0, never inf - inf.
@@ -64,14 +65,15 @@ def _jagged2_softmax_backward_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # dx = y * (dy - sum_j(y * dy)) per line; hidden entries have y = 0, so dx = 0 there.
-    row, _, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps,
+                                          BLOCK_M)
     if block * BLOCK_M < length:
         square_begin = tl.load(square_offsets_ptr + row)
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         end = tl.minimum(length, (block + 1) * BLOCK_M) if CAUSAL else length
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for start in range(0, end, BLOCK_N):
-            offsets, _, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
+            offsets, inside, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
             y = tl.load(y_ptr + offsets, mask=visible, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + offsets, mask=visible, other=0.0).to(tl.float32)
             acc += y * dy

@@ -11,6 +11,10 @@ from .. import reference
 from ._rows import load_row_chunk, row_span
 from ._utils import check_float_features, row_walk_launch, rows_as_matrix, unit_last_stride, use_triton
 
+# 16 KB token chunks (64 columns): the best of benchmarks/tune_ops.py's sweep at the issue's
+# shapes, 1.1-1.6 TB/s against 0.8-1.5 with pooling's 8 KB (benchmarks/NOTES.md).
+SOFTMAX_TILE_BYTES = 16384
+
 
 @triton.jit
 def _jagged_softmax_forward_kernel(
@@ -71,7 +75,7 @@ class _JaggedSoftmax(torch.autograd.Function):
     def forward(ctx, x2d, offsets):
         y = torch.empty((x2d.shape[0], x2d.shape[1]), dtype=x2d.dtype, device=x2d.device)
         if y.numel():
-            grid, tiles = row_walk_launch(offsets, x2d)
+            grid, tiles = row_walk_launch(offsets, x2d, tile_bytes=SOFTMAX_TILE_BYTES)
             _jagged_softmax_forward_kernel[grid](x2d, offsets, y, x2d.shape[1], x2d.stride(0), y.stride(0), **tiles)
         ctx.save_for_backward(y, offsets)
         return y
@@ -82,7 +86,7 @@ class _JaggedSoftmax(torch.autograd.Function):
         dy = unit_last_stride(dy)
         dx = torch.empty_like(y)
         if dx.numel():
-            grid, tiles = row_walk_launch(offsets, y)
+            grid, tiles = row_walk_launch(offsets, y, tile_bytes=SOFTMAX_TILE_BYTES)
             _jagged_softmax_backward_kernel[grid](y, dy, offsets, dx, y.shape[1], y.stride(0), dy.stride(0),
                                                   dx.stride(0), **tiles)
         return dx, None
