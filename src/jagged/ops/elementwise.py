@@ -25,13 +25,15 @@ class _JaggedDenseElementwise(torch.autograd.Function):
     def backward(ctx, grad):
         x2d, dense3d, offsets = ctx.saved_tensors
         dense_len = dense3d.shape[1]
-        if ctx.op == GATHER_ADD:
-            dx = grad
+        dx = ddense = None
+        # Each gradient only when asked for: the dense one writes all of [B, L, D].
+        if ctx.needs_input_grad[0]:
+            dx = grad if ctx.op == GATHER_ADD else _launch_dense_to_jagged(dense3d, offsets, x2d.shape[0], grad,
+                                                                           GATHER_MUL)
+        if ctx.needs_input_grad[1]:
             # Positions past L never read the dense operand: no gradient flows there.
-            ddense = _launch_jagged_to_padded_dense(grad, offsets, dense_len, 0.0)
-        else:
-            dx = _launch_dense_to_jagged(dense3d, offsets, x2d.shape[0], grad, GATHER_MUL)
-            ddense = _launch_jagged_to_padded_dense(grad * x2d, offsets, dense_len, 0.0)
+            ddense = _launch_jagged_to_padded_dense(grad if ctx.op == GATHER_ADD else grad * x2d, offsets, dense_len,
+                                                    0.0)
         return dx, ddense, None, None
 
 

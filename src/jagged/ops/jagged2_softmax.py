@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._online_softmax import online_softmax_step, softmax_weights
 from ._rows import row_block, square_tile_offsets
 from ._utils import TRITON_INTERPRETER, binary_search_steps, check_jagged2, unit_last_stride, use_triton
 
@@ -44,18 +45,13 @@ def _jagged2_softmax_forward_kernel(
         for start in range(0, end, BLOCK_N):
             offsets, inside, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
             s = tl.load(s_ptr + offsets, mask=visible, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(s, 1))
-            # -inf so far (a padded line, or -inf inputs): shift by 0, never inf - inf.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-            m = m_new
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
+            m, total = online_softmax_step(m, total, s, 1)
         # Lines past the row end have total = 0; divide them by 1 (they are not stored).
         total = tl.where(offs_m < length, total, 1.0)
         for start in range(0, length, BLOCK_N):
             offsets, inside, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
             s = tl.load(s_ptr + offsets, mask=visible, other=float("-inf")).to(tl.float32)
-            y = tl.where(visible, tl.exp(s - m_safe[:, None]) / total[:, None], 0.0)
+            y = tl.where(visible, softmax_weights(s, m, total, 1), 0.0)
             tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._online_softmax import online_softmax_step, softmax_weights
 from ._rows import load_row_chunk, row_span
 from ._utils import check_float_features, row_walk_launch, rows_as_matrix, unit_last_stride, use_triton
 
@@ -31,16 +32,10 @@ def _jagged_softmax_forward_kernel(
     s = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, length, BLOCK_T):
         x, _ = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        # A column of -inf so far keeps m = -inf: shift by 0 to avoid inf - inf. A column that is
-        # all -inf ends with s = 0 and gives 0/0 = NaN, as torch.softmax does.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[None, :]), 0)
-        m = m_new
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+        m, s = online_softmax_step(m, s, x, 0)
     for start in range(0, length, BLOCK_T):
         x, in_row = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
-        y = tl.exp(x - m_safe[None, :]) / s[None, :]
+        y = softmax_weights(x, m, s, 0)
         tokens = begin + start + tl.arange(0, BLOCK_T)
         tl.store(y_ptr + tokens[:, None] * stride_yt + cols[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=in_row[:, None] & col_ok[None, :])
