@@ -22,23 +22,31 @@ def _jagged_softmax_forward_kernel(
     x_ptr, offsets_ptr, y_ptr, feature_dim, stride_xt, stride_yt,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program per (row, block of columns). Pass 1: running max and rescaled sum of exponents
-    # (online softmax, one read). Pass 2: normalise and write (the second read mostly hits L2).
+    # One program per (row, block of columns). A longer row than one tile: pass 1 running max and
+    # rescaled sum of exponents (online softmax), pass 2 normalise and write (its reads mostly hit
+    # L2).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < feature_dim
     begin, length = row_span(offsets_ptr, row)
     m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(0, length, BLOCK_T):
-        x, _ = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
+    if length <= BLOCK_T:
+        # The row fits one tile (most rows at recsys lengths): one read, no second pass.
+        x, in_row = load_row_chunk(x_ptr, begin, 0, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
         m, s = online_softmax_step(m, s, x, 0)
-    for start in range(0, length, BLOCK_T):
-        x, in_row = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
-        y = softmax_weights(x, m, s, 0)
-        tokens = begin + start + tl.arange(0, BLOCK_T)
-        tl.store(y_ptr + tokens[:, None] * stride_yt + cols[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=in_row[:, None] & col_ok[None, :])
+        tokens = begin + tl.arange(0, BLOCK_T)
+        tl.store(y_ptr + tokens[:, None] * stride_yt + cols[None, :],
+                 softmax_weights(x, m, s, 0).to(y_ptr.dtype.element_ty), mask=in_row[:, None] & col_ok[None, :])
+    else:
+        for start in range(0, length, BLOCK_T):
+            x, _ = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
+            m, s = online_softmax_step(m, s, x, 0)
+        for start in range(0, length, BLOCK_T):
+            x, in_row = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
+            tokens = begin + start + tl.arange(0, BLOCK_T)
+            tl.store(y_ptr + tokens[:, None] * stride_yt + cols[None, :],
+                     softmax_weights(x, m, s, 0).to(y_ptr.dtype.element_ty), mask=in_row[:, None] & col_ok[None, :])
 
 
 @triton.jit
