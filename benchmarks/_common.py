@@ -97,6 +97,28 @@ def bench(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     return statistics.median(times)
 
 
+def bench_graph(fn) -> float | None:
+    """Median time in ms of fn() captured in a CUDA graph and replayed: the GPU time without the
+    host's Python and launch overhead (what a user who captures their model gets). None on the
+    CPU or when fn cannot be captured (it synchronises with the host)."""
+    if not ON_GPU:
+        return None
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return bench(graph.replay)
+
+
 def peak_memory_mib(fn) -> float | None:
     """Peak GPU memory allocated during fn(), above what was allocated before, in MiB."""
     if not ON_GPU:
@@ -112,13 +134,14 @@ def peak_memory_mib(fn) -> float | None:
 def environment() -> dict:
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    # The device machine gets the tree without .git: the caller passes the commit in.
-    commit = commit or os.environ.get("JAGGED_COMMIT", "")
+    # The device machine's copy of the tree may lack or misreport .git: JAGGED_COMMIT wins.
+    commit = os.environ.get("JAGGED_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
     return {
         "device": torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,

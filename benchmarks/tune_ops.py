@@ -17,7 +17,8 @@ SHAPES = [(1024, 512, 128), (256, 1024, 256)]  # B, max_L, D (the issue's shapes
 BMM = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
     (64, 128, 64, 4, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3),
     (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4),
-    (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (32, 128, 64, 4, 3), (64, 128, 128, 4, 2), (128, 128, 128, 8, 2),
+    (64, 128, 64, 4, 2), (32, 128, 128, 4, 2), (32, 256, 64, 4, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 3),
 ]
 SOFTMAX = [  # tile bytes, max columns per program, num_warps
     (8192, 64, 4), (16384, 64, 4), (4096, 64, 4), (8192, 32, 4), (4096, 32, 2), (16384, 128, 8), (8192, 64, 8),
@@ -34,7 +35,7 @@ def sweep_bmm(kernel, values, offsets, dense, label):
     default_tiles = getattr(bmm, tiles_name)
     for config in BMM:
         setattr(bmm, tiles_name,
-                lambda a, b, c=config: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c)))
+                lambda a, b, e, c=config: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c)))
         try:
             err = float((launch(*args).float() - expected).norm() / expected.norm())
             ms = triton.testing.do_bench(lambda: launch(*args), warmup=25, rep=100, return_mode="median")

@@ -75,12 +75,14 @@ def _jagged_jagged_bmm_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _dense_bmm_tiles(k_dim: int, n_dim: int) -> dict:
+def _dense_bmm_tiles(k_dim: int, n_dim: int, element_size: int) -> dict:
     """jagged_dense_bmm blocks (tokens x output columns x reduction). 16 under the interpreter
     (small test shapes span several blocks); on the GPU the winners of benchmarks/tune_ops.py
-    (benchmarks/NOTES.md)."""
+    for 16-bit types (benchmarks/NOTES.md), smaller tiles for float32 (twice the bytes a tile)."""
     if TRITON_INTERPRETER:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+    if element_size > 2:
+        return dict(BLOCK_M=64, BLOCK_N=128 if n_dim > 64 else 64, BLOCK_K=32, num_warps=4, num_stages=3)
     if n_dim > 128:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
     if n_dim > 64:
@@ -88,10 +90,13 @@ def _dense_bmm_tiles(k_dim: int, n_dim: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if k_dim <= 64 else 64, num_warps=4, num_stages=3)
 
 
-def _jagged_bmm_tiles(m_dim: int, n_dim: int) -> dict:
+def _jagged_bmm_tiles(m_dim: int, n_dim: int, element_size: int) -> dict:
     """jagged_jagged_bmm blocks (M x N outputs x tokens per step); as above."""
     if TRITON_INTERPRETER:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+    if element_size > 2:
+        return dict(BLOCK_M=64, BLOCK_N=128 if n_dim > 64 else 64, BLOCK_K=32 if m_dim <= 64 else 64, num_warps=4,
+                    num_stages=3)
     if n_dim > 128 and m_dim > 64:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
     if m_dim > 64:
@@ -106,7 +111,7 @@ def _launch_jagged_dense_bmm(x, y, offsets):
     out = torch.empty((total, n_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    tiles = _dense_bmm_tiles(k_dim, n_dim)
+    tiles = _dense_bmm_tiles(k_dim, n_dim, x.element_size())
     grid = (batch_size + total // tiles["BLOCK_M"], cdiv(n_dim, tiles["BLOCK_N"]))
     _jagged_dense_bmm_kernel[grid](
         x, y, out, offsets, batch_size, binary_search_steps(batch_size), k_dim, n_dim,
@@ -120,7 +125,7 @@ def _launch_jagged_jagged_bmm(x, y, offsets):
     out = torch.empty((batch_size, m_dim, n_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    tiles = _jagged_bmm_tiles(m_dim, n_dim)
+    tiles = _jagged_bmm_tiles(m_dim, n_dim, x.element_size())
     grid = (batch_size, cdiv(m_dim, tiles["BLOCK_M"]), cdiv(n_dim, tiles["BLOCK_N"]))
     _jagged_jagged_bmm_kernel[grid](
         x, y, out, offsets, m_dim, n_dim, *x.stride(), *y.stride(), *out.stride(),
