@@ -86,7 +86,7 @@ def _dense_bmm_tiles(k_dim: int, n_dim: int, element_size: int) -> dict:
     if n_dim > 128:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
     if n_dim > 64:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if k_dim <= 64 else 64, num_warps=4, num_stages=3)
 
 
