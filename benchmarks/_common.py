@@ -100,22 +100,19 @@ def bench(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
 def bench_graph(fn) -> float | None:
     """Median time in ms of fn() captured in a CUDA graph and replayed: the GPU time without the
     host's Python and launch overhead (what a user who captures their model gets). None on the
-    CPU or when fn cannot be captured (it synchronises with the host)."""
+    CPU. fn must not synchronise with the host: a failed capture can leave CUDA state that
+    later calls trip over, so callers pass only capturable functions."""
     if not ON_GPU:
         return None
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
             fn()
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return None
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
     return bench(graph.replay)
 
 
