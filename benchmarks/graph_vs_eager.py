@@ -13,7 +13,7 @@ import torch
 import triton.testing
 
 import jagged
-from _common import add_shape_arguments, jagged_inputs
+from _common import add_shape_arguments, bench_graph, jagged_inputs
 
 
 def wall_us(fn, n=200):
@@ -24,19 +24,6 @@ def wall_us(fn, n=200):
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / n * 1e6
-
-
-def graph_us(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1000
 
 
 def main():
@@ -62,7 +49,7 @@ def main():
     print(f"B={args.B} max_L={args.max_L} H={args.H} D={args.D} {args.lengths} T={total}: forward+backward, us")
     for name, fn in (("jagged", ours), ("fa2_varlen", fa2)):
         bench = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1000
-        print(f"  {name:10s} do_bench {bench:7.1f}   wall {wall_us(fn):7.1f}   cuda graph {graph_us(fn):7.1f}")
+        print(f"  {name:10s} do_bench {bench:7.1f}   wall {wall_us(fn):7.1f}   cuda graph {bench_graph(fn) * 1000:7.1f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from .ops._utils import check_max_len, check_offsets, check_offsets_content, check_tensor
+from .tensor import RowLayout
 
 
 def square_offsets_of(offsets: torch.Tensor) -> torch.Tensor:
@@ -17,7 +18,7 @@ def square_offsets_of(offsets: torch.Tensor) -> torch.Tensor:
     return torch.cat([lengths.new_zeros(1), (lengths * lengths).cumsum(0)])
 
 
-class Jagged2Tensor:
+class Jagged2Tensor(RowLayout):
     """B square matrices of sizes ``L_b x L_b``, flattened row-major and concatenated.
 
     Entry ``(i, j)`` of row b is ``values[square_offsets[b] + i * L_b + j]``. The row lengths
@@ -111,36 +112,8 @@ class Jagged2Tensor:
         return dense_to_jagged2(dense, offsets, max_len=max_len)
 
     @property
-    def values(self) -> torch.Tensor:
-        return self._values
-
-    @property
-    def offsets(self) -> torch.Tensor:
-        return self._offsets
-
-    @property
     def square_offsets(self) -> torch.Tensor:
         return self._square_offsets
-
-    @property
-    def batch_size(self) -> int:
-        return self._offsets.numel() - 1
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._values.device
-
-    @property
-    def max_len(self) -> int:
-        """The longest row's length (or the bound given); computed once (one sync) and cached."""
-        if self._max_len is None:
-            lengths = self.lengths()
-            self._max_len = int(lengths.max()) if lengths.numel() else 0
-        return self._max_len
 
     @property
     def total_len(self) -> int:
@@ -149,13 +122,6 @@ class Jagged2Tensor:
         if self._total_len is None:
             self._total_len = int(self._offsets[-1])
         return self._total_len
-
-    def lengths(self) -> torch.Tensor:
-        """Row lengths ``L_b`` ``[B]`` (each matrix is ``L_b x L_b``)."""
-        return self._offsets.diff()
-
-    def __len__(self) -> int:
-        return self.batch_size
 
     def __repr__(self) -> str:
         max_len = "?" if self._max_len is None else self._max_len

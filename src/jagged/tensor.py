@@ -10,7 +10,51 @@ from .ops._utils import check_max_len, check_offsets, check_offsets_content, che
 from .ops.conversions import dense_to_jagged, jagged_to_padded_dense
 
 
-class JaggedTensor:
+class RowLayout:
+    """What a batch stored row by row has, whatever it stores per row: values, ``offsets``
+    ``[B+1]`` over the rows and the longest row's length (known or computed once). Shared by
+    :class:`JaggedTensor` and :class:`jagged.Jagged2Tensor`."""
+
+    __slots__ = ()
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return self._offsets
+
+    @property
+    def batch_size(self) -> int:
+        return self._offsets.numel() - 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._values.device
+
+    @property
+    def max_len(self) -> int:
+        """Length of the longest row (or the bound given at construction). Computed on first use
+        (one device synchronisation) and cached."""
+        if self._max_len is None:
+            lengths = self.lengths()
+            self._max_len = int(lengths.max()) if lengths.numel() else 0
+        return self._max_len
+
+    def lengths(self) -> torch.Tensor:
+        """Row lengths ``[B]``, with the offsets' dtype and device."""
+        return self._offsets.diff()
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+
+class JaggedTensor(RowLayout):
     """A batch of B rows of different lengths, stored without padding.
 
     ``values`` ``[T, *F]`` holds all rows concatenated along dim 0 (any trailing feature dims,
@@ -155,18 +199,6 @@ class JaggedTensor:
 
     # ------------------------------------------------------------------ properties
     @property
-    def values(self) -> torch.Tensor:
-        return self._values
-
-    @property
-    def offsets(self) -> torch.Tensor:
-        return self._offsets
-
-    @property
-    def batch_size(self) -> int:
-        return self._offsets.numel() - 1
-
-    @property
     def total_len(self) -> int:
         """T, the number of values (all rows together)."""
         return self._values.shape[0]
@@ -174,30 +206,6 @@ class JaggedTensor:
     @property
     def feature_shape(self) -> torch.Size:
         return self._values.shape[1:]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._values.device
-
-    @property
-    def max_len(self) -> int:
-        """Length of the longest row (or the bound given at construction). Computed on first use
-        (one device synchronisation) and cached."""
-        if self._max_len is None:
-            lengths = self.lengths()
-            self._max_len = int(lengths.max()) if lengths.numel() else 0
-        return self._max_len
-
-    def lengths(self) -> torch.Tensor:
-        """Row lengths ``[B]``, with the offsets' dtype and device."""
-        return self._offsets.diff()
-
-    def __len__(self) -> int:
-        return self.batch_size
 
     def __repr__(self) -> str:
         max_len = "?" if self._max_len is None else self._max_len

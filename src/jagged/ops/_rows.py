@@ -64,3 +64,13 @@ def square_tile_offsets(square_begin, length, rows, cols, TRANSPOSE: tl.constexp
     if TRANSPOSE:
         return square_begin + cols[None, :] * length + rows[:, None]
     return square_begin + rows[:, None] * length + cols[None, :]
+
+
+@triton.jit
+def square_block_lines(offsets_ptr, square_offsets_ptr, slot, batch_size, search_steps, BLOCK_M: tl.constexpr):
+    """For a work slot over blocks of BLOCK_M lines (see find_row): whether it has lines (a
+    spare slot has none), its row's begin and length, where the row's jagged2 block starts, and
+    the slot's line indices."""
+    row, begin, length, block = row_block(offsets_ptr, slot, batch_size, search_steps, BLOCK_M)
+    square_begin = tl.load(square_offsets_ptr + row)
+    return block * BLOCK_M < length, begin, length, square_begin, block * BLOCK_M + tl.arange(0, BLOCK_M)

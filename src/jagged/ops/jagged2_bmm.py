@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._rows import row_block, square_tile_offsets
+from ._rows import square_block_lines, square_tile_offsets
 from ._utils import (TRITON_INTERPRETER, binary_search_steps, cdiv, check_jagged2, check_jagged_matrix, check_same_rows,
                      dot_precision, unit_last_stride, use_triton)
 
@@ -29,11 +29,9 @@ def _jagged_jagged_bmm_jagged_out_kernel(
 ):
     # One program per block of BLOCK_M positions i of one row (work slots, see find_row): entries
     # (i, j) for every j of the row, BLOCK_N at a time. Grid over real work, no max_len needed.
-    row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps,
-                                          BLOCK_M)
-    if block * BLOCK_M < length:
-        square_begin = tl.load(square_offsets_ptr + row)
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    active, begin, length, square_begin, offs_m = square_block_lines(
+        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    if active:
         m_ok = offs_m < length
         for n0 in range(0, length, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -60,11 +58,9 @@ def _jagged2_jagged_bmm_kernel(
 ):
     # One program per (block of BLOCK_M positions of one row, block of output columns): that
     # block of p_b (or p_b^T) times v_b, BLOCK_K of the row's positions per step.
-    row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps,
-                                          BLOCK_M)
-    if block * BLOCK_M < length:
-        square_begin = tl.load(square_offsets_ptr + row)
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    active, begin, length, square_begin, offs_m = square_block_lines(
+        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    if active:
         m_ok = offs_m < length
         cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = cols < n_dim

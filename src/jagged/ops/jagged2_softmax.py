@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .. import reference
 from ._online_softmax import online_softmax_step, softmax_weights
-from ._rows import row_block, square_tile_offsets
+from ._rows import square_block_lines, square_tile_offsets
 from ._utils import TRITON_INTERPRETER, binary_search_steps, check_jagged2, unit_last_stride, use_triton
 
 
@@ -33,13 +33,11 @@ def _jagged2_softmax_forward_kernel(
     # One program per block of BLOCK_M lines of one row (work slots). Pass 1: online max and
     # rescaled sum; pass 2: normalise and write (0 at causally hidden entries). Line i always
     # sees j = i, so no line is empty.
-    row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps,
-                                          BLOCK_M)
-    if block * BLOCK_M < length:
-        square_begin = tl.load(square_offsets_ptr + row)
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    active, begin, length, square_begin, offs_m = square_block_lines(
+        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    if active:
         # Causal lines end at i: stop at the block's last line.
-        end = tl.minimum(length, (block + 1) * BLOCK_M) if CAUSAL else length
+        end = tl.minimum(length, tl.max(offs_m, 0) + 1) if CAUSAL else length
         m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, end, BLOCK_N):
@@ -61,12 +59,10 @@ def _jagged2_softmax_backward_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # dx = y * (dy - sum_j(y * dy)) per line; hidden entries have y = 0, so dx = 0 there.
-    row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps,
-                                          BLOCK_M)
-    if block * BLOCK_M < length:
-        square_begin = tl.load(square_offsets_ptr + row)
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        end = tl.minimum(length, (block + 1) * BLOCK_M) if CAUSAL else length
+    active, begin, length, square_begin, offs_m = square_block_lines(
+        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    if active:
+        end = tl.minimum(length, tl.max(offs_m, 0) + 1) if CAUSAL else length
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for start in range(0, end, BLOCK_N):
             offsets, inside, visible = _visible_tile(square_begin, length, offs_m, start, CAUSAL, BLOCK_N)
