@@ -44,7 +44,7 @@ CPU_CASES = [(4, 32, 2, 16, "unif", False), (4, 32, 2, 16, "skew", True)]
 def method_fns(q, k, v, offsets, max_len, causal, use_flex):
     """name -> forward function of (q, k, v) returning jagged output values [T, H, D]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    fns = {"jagged": lambda q, k, v: jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=causal)}
+    fns = {"jagged": lambda q, k, v: jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=causal, validate=False)}
 
     def padded(x):  # [T, H, D] -> [B, H, L, D]
         return padded_to_dense(x, offsets, max_len).transpose(1, 2)

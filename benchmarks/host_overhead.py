@@ -38,11 +38,11 @@ def main():
         "torch.empty x1": lambda: torch.empty((total, 4, 64), dtype=q.dtype, device=q.device),
         "input checks": lambda: attention._check_attention_inputs(q, k, v, offsets, offsets),
         "forward launcher (2 empty + 1 launch)": lambda: attention._attention_forward(q, k, v, offsets, offsets, False, scale),
-        "public forward, no grad": lambda: jagged.jagged_flash_attention_values(q, k, v, offsets, offsets),
-        "public forward, with grad": lambda: jagged.jagged_flash_attention_values(qg, kg, vg, offsets, offsets),
+        "public forward, no grad": lambda: jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, validate=False),
+        "public forward, with grad": lambda: jagged.jagged_flash_attention_values(qg, kg, vg, offsets, offsets, validate=False),
         "backward launcher (4 empty + 2 launches)": lambda: attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale),
         "forward+backward via autograd": lambda: torch.autograd.grad(
-            jagged.jagged_flash_attention_values(qg, kg, vg, offsets, offsets), (qg, kg, vg), do),
+            jagged.jagged_flash_attention_values(qg, kg, vg, offsets, offsets, validate=False), (qg, kg, vg), do),
         "FA2 varlen forward (aten)": lambda: torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, longest, longest, 0.0, False, False, scale=scale),
     }

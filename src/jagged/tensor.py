@@ -181,7 +181,7 @@ class JaggedTensor(RowLayout):
             raise ValueError(f"lengths must lie in [0, L={dense.shape[1]}], got {lengths.tolist()}")
         offsets = lengths_to_offsets(lengths)
         total_len = int(offsets[-1])
-        values = dense_to_jagged(dense, offsets, total_len)
+        values = dense_to_jagged(dense, offsets, total_len, validate=False)
         # from lengths <= L, the longest row is at most L (an upper bound, no extra sync).
         return cls(values, offsets, max_len=dense.shape[1], validate=False)
 
@@ -241,7 +241,7 @@ class JaggedTensor(RowLayout):
         truncated. ``max_len`` defaults to :attr:`max_len`. Differentiable w.r.t. ``values``."""
         if max_len is None:
             max_len = self.max_len
-        return jagged_to_padded_dense(self._values, self._offsets, max_len, padding_value)
+        return jagged_to_padded_dense(self._values, self._offsets, max_len, padding_value, validate=False)
 
     def to_nested(self) -> torch.Tensor:
         """A ``torch.nested`` tensor (``layout=torch.jagged``) sharing these values. torch.nested

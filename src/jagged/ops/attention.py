@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .. import reference
 from ._rows import row_block, row_span
-from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_same_rows, check_tensor, dot_precision,
-                     next_power_of_2, unit_last_stride, use_triton)
+from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_offsets_content, check_same_rows, check_tensor,
+                     dot_precision, next_power_of_2, unit_last_stride, use_triton)
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -346,21 +346,28 @@ def _check_attention_inputs(q, k, v, q_offsets, k_offsets):
 
 def jagged_flash_attention_values(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor,
-    *, causal: bool = False, scale: float | None = None,
+    *, causal: bool = False, scale: float | None = None, validate: bool = True,
 ) -> torch.Tensor:
     """Raw-tensor form of :func:`jagged_flash_attention`, for callers holding their own offsets.
 
     Args:
         q: ``[T_q, H, D]`` float16 / bfloat16 / float32 values of the query rows.
         k, v: ``[T_k, H, D]`` and ``[T_k, H, D_v]``, rows given by ``k_offsets``.
-        q_offsets, k_offsets: ``[B+1]`` int32/int64 on q's device (same B; contents not checked
-            here, see :class:`jagged.JaggedTensor`). Pass the same tensor for self-attention.
+        q_offsets, k_offsets: ``[B+1]`` int32/int64 on q's device (same B). Pass the same tensor
+            for self-attention.
         causal, scale: as in :func:`jagged_flash_attention`.
+        validate: check the offsets' contents against ``T_q`` and ``T_k`` (``offsets[0] == 0``,
+            non-decreasing, ``offsets[-1] == T``; one device synchronisation each). Pass
+            ``False`` on hot paths whose offsets are known good: the kernels trust them.
 
     Returns:
         ``[T_q, H, D_v]``, differentiable w.r.t. q, k and v.
     """
     _check_attention_inputs(q, k, v, q_offsets, k_offsets)
+    if validate:
+        check_offsets_content(q_offsets, q.shape[0], name="q_offsets")
+        if k_offsets is not q_offsets or k.shape[0] != q.shape[0]:
+            check_offsets_content(k_offsets, k.shape[0], name="k_offsets")
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
     if not use_triton(q):
         return reference.jagged_attention(q, k, v, q_offsets, k_offsets, causal=causal, scale=scale)
@@ -409,5 +416,7 @@ def jagged_flash_attention(q, k, v, *, causal: bool = False, scale: float | None
         if not isinstance(x, JaggedTensor):
             raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
     check_same_rows(v, k, "v", "k")
-    out = jagged_flash_attention_values(q.values, k.values, v.values, q.offsets, k.offsets, causal=causal, scale=scale)
+    # A JaggedTensor's offsets were checked when it was built (or the caller opted out).
+    out = jagged_flash_attention_values(q.values, k.values, v.values, q.offsets, k.offsets, causal=causal, scale=scale,
+                                        validate=False)
     return q.with_values(out)

@@ -17,6 +17,7 @@ from ._utils import (
     cdiv,
     check_max_len,
     check_offsets,
+    check_offsets_content,
     check_tensor,
     flatten_features,
     memory_tile,
@@ -170,17 +171,20 @@ class _DenseToJagged(torch.autograd.Function):
 
 
 def jagged_to_padded_dense(
-    values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0
+    values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0, *, validate: bool = True
 ) -> torch.Tensor:
     """Pad jagged rows into a dense batch.
 
     Args:
         values: ``[T, *F]``, any dtype; all rows concatenated along dim 0.
         offsets: ``[B+1]`` int32 or int64, on the same device; row ``b`` is
-            ``values[offsets[b]:offsets[b+1]]``. Its contents are not checked here (that would
-            synchronise): build a :class:`jagged.JaggedTensor` to validate them.
+            ``values[offsets[b]:offsets[b+1]]``.
         max_len: length L of the dense rows (a Python int). Rows longer than L are truncated.
         padding_value: written at positions ``l >= length_b``.
+        validate: check the offsets' contents (``offsets[0] == 0``, non-decreasing,
+            ``offsets[-1] == T``; one device synchronisation). ``False`` on hot paths whose
+            offsets are known good (a JaggedTensor's are checked when it is built); the kernel
+            never reads outside ``values`` either way.
 
     Returns:
         ``[B, max_len, *F]`` with ``values``' dtype and device. Differentiable w.r.t. ``values``
@@ -188,8 +192,8 @@ def jagged_to_padded_dense(
         get 0).
 
     Raises:
-        TypeError / ValueError for a non-tensor, bad offsets shape/dtype/device, 0-d values or a
-        negative ``max_len``.
+        TypeError / ValueError for a non-tensor, bad offsets shape/dtype/device (or contents,
+        with ``validate``), 0-d values or a negative ``max_len``.
 
     Example::
 
@@ -205,6 +209,8 @@ def jagged_to_padded_dense(
         raise ValueError("values must be at least 1-D [T, *F], got a 0-d tensor")
     check_offsets(offsets, device=values.device)
     max_len = check_max_len(max_len)
+    if validate:
+        check_offsets_content(offsets, values.shape[0])
     if not use_triton(values):
         return reference.jagged_to_padded_dense(values, offsets, max_len, padding_value)
     values2d, feature_shape = flatten_features(values, 1)
@@ -213,15 +219,18 @@ def jagged_to_padded_dense(
 
 
 def dense_to_jagged(
-    dense: torch.Tensor, offsets: torch.Tensor, total_len: int | None = None
+    dense: torch.Tensor, offsets: torch.Tensor, total_len: int | None = None, *, validate: bool = True
 ) -> torch.Tensor:
     """Gather the real positions of a padded dense batch into jagged values.
 
     Args:
         dense: ``[B, L, *F]``, any dtype.
-        offsets: ``[B+1]`` int32 or int64, on ``dense``'s device (contents not checked here).
-        total_len: T, the number of jagged values (``offsets[-1]``). Pass it to avoid a device
-            synchronisation; if None it is read from ``offsets``.
+        offsets: ``[B+1]`` int32 or int64, on ``dense``'s device.
+        total_len: T, the number of jagged values (``offsets[-1]``). If None it is read from
+            ``offsets`` (one device synchronisation).
+        validate: check the offsets' contents against T (one synchronisation, shared with
+            reading T); ``False`` on hot paths with known-good offsets and a given ``total_len``
+            (no synchronisation at all).
 
     Returns:
         values ``[T, *F]``. A row longer than L gets 0 at positions ``l >= L`` (as FBGEMM's
@@ -230,7 +239,8 @@ def dense_to_jagged(
 
     Raises:
         TypeError / ValueError for a non-tensor, dense with fewer than 2 dims, offsets whose
-        shape, dtype or device do not match ``dense``, or a negative ``total_len``.
+        shape, dtype or device do not match ``dense`` (or bad contents, with ``validate``), or a
+        negative ``total_len``.
 
     Example::
 
@@ -247,9 +257,12 @@ def dense_to_jagged(
             f"offsets must have B+1={dense.shape[0] + 1} entries for dense of batch size "
             f"B={dense.shape[0]}, got {offsets.numel()}"
         )
+    if total_len is not None:
+        total_len = check_max_len(total_len, "total_len")
+    if validate:
+        check_offsets_content(offsets, int(offsets[-1]) if total_len is None else total_len)
     if total_len is None:
         total_len = int(offsets[-1])  # synchronises; documented above
-    total_len = check_max_len(total_len, "total_len")
     if not use_triton(dense):
         return reference.dense_to_jagged(dense, offsets, total_len)
     dense3d, feature_shape = flatten_features(dense, 2)

@@ -9,8 +9,8 @@ import triton.language as tl
 
 from .. import reference
 from ._rows import find_row, row_span, square_tile_offsets
-from ._utils import (TRITON_INTERPRETER, binary_search_steps, cdiv, check_max_len, check_offsets, check_tensor,
-                     unit_last_stride, use_triton)
+from ._utils import (TRITON_INTERPRETER, binary_search_steps, cdiv, check_max_len, check_offsets,
+                     check_offsets_content, check_tensor, unit_last_stride, use_triton)
 
 
 @triton.jit(do_not_specialize=["max_len", "num_line_blocks"])
@@ -138,7 +138,8 @@ def jagged2_to_padded_dense(s, max_len: int | None = None, padding_value: float 
     return _Jagged2ToPaddedDense.apply(s.values, s.offsets, s.square_offsets, max_len, float(padding_value))
 
 
-def dense_to_jagged2(dense: torch.Tensor, offsets: torch.Tensor, *, max_len: int | None = None):
+def dense_to_jagged2(dense: torch.Tensor, offsets: torch.Tensor, *, max_len: int | None = None,
+                     validate: bool = True):
     """Dense ``[B, N, M]`` -> :class:`jagged.Jagged2Tensor`: the top-left ``L_b x L_b`` block of
     ``dense[b]``, with ``L_b`` from ``offsets``; entries past N (lines) or M (columns) are 0.
 
@@ -146,6 +147,7 @@ def dense_to_jagged2(dense: torch.Tensor, offsets: torch.Tensor, *, max_len: int
         dense: ``[B, N, M]`` tensor (any strides).
         offsets: ``[B+1]`` int32/int64 row offsets on dense's device.
         max_len: the longest row, if known (carried by the result).
+        validate: check the offsets' contents (one more synchronisation).
 
     Returns:
         Jagged2Tensor on ``offsets``. Differentiable w.r.t. ``dense``. One device
@@ -166,6 +168,8 @@ def dense_to_jagged2(dense: torch.Tensor, offsets: torch.Tensor, *, max_len: int
                          f"got {offsets.numel()}")
     square_offsets = square_offsets_of(offsets)
     total_square, total_len = torch.stack([square_offsets[-1], offsets[-1].long()]).tolist()
+    if validate:
+        check_offsets_content(offsets, total_len)
     if not use_triton(dense):
         values = reference.dense_to_jagged2(dense, offsets)
     else:
