@@ -145,8 +145,8 @@ def test_jagged_tensor_api():
         (dict(v=lambda t: t[:-1]), ValueError, r"k and v must have the same \[T_k, H\]"),
         (dict(q=lambda t: t.new_ones(t.shape[0], 2, 300), k=lambda t: t.new_ones(t.shape[0], 2, 300)), ValueError, "head dim must be in"),
         (dict(k_offsets=lambda o: o[:-1]), ValueError, "same batch size"),
-        (dict(q_offsets=lambda o: o.float()), ValueError, "int32/int64"),
-        (dict(q_offsets=lambda o: o.to("meta")), ValueError, "q's device"),
+        (dict(q_offsets=lambda o: o.float()), ValueError, "q_offsets must have dtype int32 or int64"),
+        (dict(q_offsets=lambda o: o.to("meta")), ValueError, "q_offsets must be on the same device"),
         (dict(v=lambda t: t.tolist()), TypeError, "v must be a torch.Tensor"),
     ],
 )

@@ -78,8 +78,9 @@ def jagged_attention(
         visible = visible & (j <= i + (k_len - q_len))
     scores = (qd @ kd.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    # A row with no visible key: softmax of all -inf is NaN; such queries output 0.
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    # A query with no visible key: softmax of all -inf is NaN; such queries output 0. (NaN from
+    # NaN inputs stays NaN, as in torch's own attention.)
+    probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
     out = (probs @ vd).transpose(1, 2)  # [B, Lq, H, Dv]
     return dense_to_jagged(out, q_offsets, q.shape[0]).to(q.dtype)
 

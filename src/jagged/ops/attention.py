@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .. import reference
 from ._rows import row_block, row_span
-from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_offsets_content, check_same_rows, check_tensor,
-                     dot_precision, next_power_of_2, unit_last_stride, use_triton)
+from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_offsets, check_offsets_content, check_same_rows,
+                     check_tensor, dot_precision, next_power_of_2, unit_last_stride, use_triton)
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -336,10 +336,7 @@ def _check_attention_inputs(q, k, v, q_offsets, k_offsets):
         raise ValueError(f"q and k must have the same heads and head dim, got [.., {q.shape[1]}, {q.shape[2]}] "
                          f"and [.., {k.shape[1]}, {k.shape[2]}]")
     for name, off in (("q_offsets", q_offsets), ("k_offsets", k_offsets)):
-        if off.dim() != 1 or off.dtype not in (torch.int32, torch.int64) or off.numel() == 0:
-            raise ValueError(f"{name} must be 1-D int32/int64 [B+1], got shape {tuple(off.shape)}, {off.dtype}")
-        if off.device != q.device:
-            raise ValueError(f"{name} must be on q's device ({q.device}), got {off.device}")
+        check_offsets(off, name=name, device=q.device)
     if q_offsets.numel() != k_offsets.numel():
         raise ValueError(f"q and k must have the same batch size, got {q_offsets.numel() - 1} and {k_offsets.numel() - 1}")
 
