@@ -66,7 +66,11 @@ def run_case(op, lengths, dim, dtype, seed):
     ref_inputs = [x.detach().double().requires_grad_(True) for x in inputs]
     ref = op.ref(offsets, *ref_inputs)
     tol = "tf32" if op.matmul and dtype == torch.float32 else dtype
-    assert_close(out, ref, tol=tol)
+    scale = None
+    if op.name in ("jagged_sum", "jagged_mean") and ref.numel():
+        # A sum of signed terms cancels: its rounding error follows the terms' magnitudes.
+        scale = float(op.ref(offsets, *(x.detach().abs() for x in ref_inputs)).max())
+    assert_close(out, ref, tol=tol, scale=scale)
     if out.numel() == 0:
         return
     grad = torch.randn(out.shape, device=device).to(dtype)

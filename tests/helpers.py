@@ -35,9 +35,11 @@ LENGTH_PATTERNS = {
 }
 
 
-def assert_close(actual, expected, *, tol=None, exact=False, name="output"):
+def assert_close(actual, expected, *, tol=None, exact=False, name="output", scale=None):
     """Compare ``actual`` with ``expected`` (cast to float64). ``tol`` is a key of TOLERANCES
-    (default: actual's dtype); ``exact`` demands bit-equality (copies, gathers). On failure,
+    (default: actual's dtype); ``exact`` demands bit-equality (copies, gathers). The absolute
+    tolerance is relative to ``scale``, by default the reference's largest magnitude (pass the
+    magnitude of the summed terms where results cancel, e.g. sums of signed values). On failure,
     prints the worst positions."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if exact:
@@ -51,7 +53,9 @@ def assert_close(actual, expected, *, tol=None, exact=False, name="output"):
     rtol, atol = TOLERANCES[tol if tol is not None else actual.dtype]
     a, e = actual.detach().double(), expected.detach().double()
     # atol is relative to the reference's largest magnitude (gradients of long rows grow).
-    atol = atol * max(1.0, float(e.abs().max())) if e.numel() else atol
+    if scale is None:
+        scale = float(e.abs().max()) if e.numel() else 1.0
+    atol = atol * max(1.0, scale)
     assert not a.isnan().any() or a.isnan().eq(e.isnan()).all(), f"{name}: NaN where the reference has none"
     err = (a - e).abs() - (atol + rtol * e.abs())
     if bool((err > 0).any()):
