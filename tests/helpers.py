@@ -37,7 +37,7 @@ LENGTH_PATTERNS = {
 
 def assert_close(actual, expected, *, tol=None, exact=False, name="output", scale=None):
     """Compare ``actual`` with ``expected`` (cast to float64). ``tol`` is a key of TOLERANCES
-    (default: actual's dtype); ``exact`` demands bit-equality (copies, gathers). The absolute
+    (default: actual's dtype) or an (rtol, atol) pair; ``exact`` demands bit-equality (copies, gathers). The absolute
     tolerance is relative to ``scale``, by default the reference's largest magnitude (pass the
     magnitude of the summed terms where results cancel, e.g. sums of signed values). On failure,
     prints the worst positions."""
@@ -50,7 +50,7 @@ def assert_close(actual, expected, *, tol=None, exact=False, name="output", scal
             raise AssertionError(f"{name}: {int((~same).sum())} positions differ, first {bad}: "
                                  f"{[actual[tuple(i)].item() for i in bad]} vs {[expected[tuple(i)].item() for i in bad]}")
         return
-    rtol, atol = TOLERANCES[tol if tol is not None else actual.dtype]
+    rtol, atol = tol if isinstance(tol, tuple) else TOLERANCES[tol if tol is not None else actual.dtype]
     a, e = actual.detach().double(), expected.detach().double()
     # atol is relative to the reference's largest magnitude (gradients of long rows grow).
     if scale is None:
