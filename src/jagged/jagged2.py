@@ -56,7 +56,8 @@ class Jagged2Tensor(RowLayout):
         if values.dim() != 1:
             raise ValueError(f"values must be 1-D [S = sum L_b^2], got shape {tuple(values.shape)}")
         check_offsets(offsets, device=values.device)
-        if square_offsets is None:
+        given = square_offsets is not None
+        if not given:
             square_offsets = square_offsets_of(offsets)
         check_tensor(square_offsets, "square_offsets")
         if square_offsets.shape != offsets.shape or square_offsets.dtype != torch.int64 \
@@ -74,11 +75,11 @@ class Jagged2Tensor(RowLayout):
             total_len = last
             longest = check_offsets_content(offsets, total_len, max_len=max_len)
             max_len = longest if max_len is None else max_len
-            expected = square_offsets_of(offsets)
-            if not torch.equal(square_offsets, expected):
+            if given and not torch.equal(square_offsets, square_offsets_of(offsets)):
                 raise ValueError("square_offsets must be the running sum of the squared row lengths")
-            if int(expected[-1]) != values.numel():
-                raise ValueError(f"values must have S = sum L_b^2 = {int(expected[-1])} entries, got {values.numel()}")
+            total_square = int(square_offsets[-1])
+            if total_square != values.numel():
+                raise ValueError(f"values must have S = sum L_b^2 = {total_square} entries, got {values.numel()}")
         self._values = values
         self._offsets = offsets
         self._square_offsets = square_offsets

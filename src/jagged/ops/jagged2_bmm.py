@@ -77,12 +77,13 @@ def _jagged2_jagged_bmm_kernel(
                  acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _tiles(inner_dim: int) -> dict:
-    """16-wide blocks under the interpreter (small test rows still span several blocks);
-    64 x 64 tiles with a 32/64-deep reduction step on the GPU."""
+def _tiles(inner_dim: int, n_dim: int = 64) -> dict:
+    """16-wide blocks under the interpreter (small test rows still span several blocks); on the
+    GPU 64-line tiles, 64 or 128 output columns, a 32/64-deep reduction step."""
     if TRITON_INTERPRETER:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if inner_dim <= 32 else 64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128 if n_dim > 64 else 64, BLOCK_K=32 if inner_dim <= 32 else 64, num_warps=4,
+                num_stages=3)
 
 
 def _launch_jagged_jagged_bmm_jagged_out(x, y, offsets, square_offsets, total_square):
@@ -106,9 +107,7 @@ def _launch_jagged2_jagged_bmm(p, v, offsets, square_offsets, transpose_p):
     if out.numel() == 0:
         return out
     batch_size = offsets.numel() - 1
-    tiles = _tiles(64)
-    if not TRITON_INTERPRETER:
-        tiles["BLOCK_N"] = 128 if n_dim > 64 else 64
+    tiles = _tiles(64, n_dim)  # the reduction runs over the row's positions
     grid = (batch_size + total // tiles["BLOCK_M"], cdiv(n_dim, tiles["BLOCK_N"]))
     _jagged2_jagged_bmm_kernel[grid](
         p, v, out, offsets, square_offsets, batch_size, binary_search_steps(batch_size), n_dim,
