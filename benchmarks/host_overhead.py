@@ -46,6 +46,15 @@ def main():
         "FA2 varlen forward (aten)": lambda: torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, longest, longest, 0.0, False, False, scale=scale),
     }
+    try:
+        from torch.nn.attention.varlen import varlen_attn as varlen
+    except ImportError:
+        varlen = None
+    if varlen is not None:  # PyTorch's public FA2 varlen, with autograd (torch >= 2.10)
+        pieces["FA2 varlen_attn forward+backward (autograd)"] = lambda: torch.autograd.grad(
+            varlen(qg, kg, vg, cu, cu, longest, longest), (qg, kg, vg), do)
+        pieces["FA2 varlen_attn forward"] = lambda: varlen(q, k, v, cu, cu, longest, longest)
+
     class Identity(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
@@ -56,6 +65,17 @@ def main():
             return g
 
     pieces["autograd engine alone (identity Function)"] = lambda: torch.autograd.grad(Identity.apply(qg), qg, q)
+
+    def forward_backward_single_thread():
+        # The engine runs CUDA backward on a per-device worker thread; this keeps it on ours.
+        with torch.autograd.set_multithreading_enabled(False):
+            return torch.autograd.grad(
+                jagged.jagged_flash_attention_values(qg, kg, vg, offsets, offsets, validate=False), (qg, kg, vg), do)
+
+    pieces["forward+backward via autograd, engine on this thread"] = forward_backward_single_thread
+    pieces["forward+backward launchers, no autograd"] = lambda: attention._attention_backward(
+        do, q, k, v, *attention._attention_forward(q, k, v, offsets, offsets, False, scale), offsets, offsets, False,
+        scale)
 
     def backward_on_thread():
         import threading

@@ -1,17 +1,17 @@
-"""Sweep tile configs of the attention kernels on the GPU: time of the forward and of the
-backward launcher (median, do_bench), with each config's gradients checked against the default
-config's. Prints one line per (shape, config); the winners go into ops/attention.py::_tiles.
+"""Sweep tile configs of the attention kernels on the GPU: GPU time of the forward and of the
+backward launcher (median of CUDA-graph replays, so that short rows are not measured as host
+launch cost), with each config's outputs checked against the default config's, and FA2 varlen's
+forward / backward on the same inputs for scale. Prints one line per (shape, config); the
+winners go into ops/attention.py::_tiles.
 
-    python benchmarks/tune_attention.py [--kernel backward|forward]
+    python benchmarks/tune_attention.py [--kernel backward|forward] [--short]
 """
 
 import argparse
 import math
 
 import torch
-import triton.testing
-
-from _common import jagged_inputs
+from _common import bench_graph, jagged_inputs
 from jagged.ops import attention
 
 SHAPES = [(64, 4096, 4, 64, "unif"), (256, 256, 4, 64, "skew"), (256, 512, 4, 64, "unif"),
@@ -19,25 +19,38 @@ SHAPES = [(64, 4096, 4, 64, "unif"), (256, 256, 4, 64, "skew"), (256, 512, 4, 64
 BACKWARD = [  # KV_BLOCK_M, KV_BLOCK_N, Q_BLOCK_M, Q_BLOCK_N, num_warps, num_stages
     (32, 64, 64, 32, 4, 2), (32, 64, 64, 32, 8, 2), (32, 128, 128, 32, 8, 2), (16, 64, 64, 16, 4, 2),
     (64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 3), (64, 128, 128, 64, 8, 2), (16, 128, 128, 16, 8, 2),
+    (16, 32, 32, 16, 4, 3), (32, 32, 32, 32, 4, 3), (16, 32, 32, 16, 2, 3), (16, 64, 64, 16, 4, 3),
 ]
 FORWARD = [  # BLOCK_M, BLOCK_N, num_warps, num_stages
     (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 4, 2),
-    (64, 128, 4, 2), (32, 64, 4, 3),
+    (64, 128, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3), (32, 32, 2, 3), (16, 64, 2, 3), (16, 32, 2, 3),
 ]
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--kernel", choices=["backward", "forward"], default="backward")
+    parser.add_argument("--short", action="store_true", help="only the shapes with max_L <= 512")
     args = parser.parse_args()
     default_tiles = attention._tiles
     for batch, max_len, heads, head_dim, dist in SHAPES:
+        if args.short and max_len > 512:
+            continue
         qkv, offsets, total, _ = jagged_inputs(batch, max_len, (3, heads, head_dim), torch.bfloat16, dist)
         q, k, v = (x.contiguous() for x in qkv.unbind(1))
         scale = 1 / math.sqrt(head_dim)
         out, lse = attention._attention_forward(q, k, v, offsets, offsets, False, scale)
         do = torch.randn_like(out)
         expected = attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale)
+        cu, longest = offsets.int(), int(offsets.diff().max())
+        fa_args = (cu, cu, longest, longest, 0.0, False)
+        fa_out, fa_lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, *fa_args, False, scale=scale)
+        fa2_us = 1000 * bench_graph(
+            (lambda: torch.ops.aten._flash_attention_backward(do, q, k, v, fa_out, fa_lse, *fa_args, rng, unused,
+                                                              scale=scale)) if args.kernel == "backward" else
+            (lambda: torch.ops.aten._flash_attention_forward(q, k, v, *fa_args, False, scale=scale)))
+        print(f"B={batch} L={max_len} H={heads} D={head_dim} {dist} {args.kernel} FA2 varlen: {fa2_us:8.1f} us",
+              flush=True)
         for config in (BACKWARD if args.kernel == "backward" else FORWARD):
             def tiles(kernel, d, dv, config=config):
                 base = default_tiles(kernel, d, dv)
@@ -58,7 +71,7 @@ def main():
                 else:
                     fn = lambda: attention._attention_forward(q, k, v, offsets, offsets, False, scale)  # noqa: E731
                     err = float((fn()[0].float() - out.float()).norm() / out.float().norm())
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                ms = bench_graph(fn)
                 print(f"B={batch} L={max_len} H={heads} D={head_dim} {dist} {args.kernel} {config}: "
                       f"{ms * 1000:8.1f} us  rel.diff {err:.1e}", flush=True)
             except Exception as e:  # out of shared memory / registers for this config

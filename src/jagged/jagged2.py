@@ -147,3 +147,19 @@ class Jagged2Tensor(RowLayout):
         from .ops.jagged2_conversions import jagged2_to_padded_dense
 
         return jagged2_to_padded_dense(self, max_len, padding_value)
+
+
+def _flatten_jagged2(s: Jagged2Tensor):
+    return [s._values, s._offsets, s._square_offsets], (s._max_len, s._total_len)
+
+
+def _unflatten_jagged2(children, context) -> Jagged2Tensor:
+    values, offsets, square_offsets = children
+    max_len, total_len = context
+    return Jagged2Tensor(values, offsets, square_offsets=square_offsets, max_len=max_len, total_len=total_len,
+                         validate=False)
+
+
+# A pytree node like JaggedTensor (see tensor.py).
+torch.utils._pytree.register_pytree_node(
+    Jagged2Tensor, _flatten_jagged2, _unflatten_jagged2, serialized_type_name="jagged.Jagged2Tensor")

@@ -46,6 +46,12 @@ class RowLayout:
             self._max_len = int(lengths.max()) if lengths.numel() else 0
         return self._max_len
 
+    @property
+    def known_max_len(self) -> int | None:
+        """:attr:`max_len` if it is known already (given, or computed before), else None; never
+        synchronises. Kernels that pick tiles by row length read this."""
+        return self._max_len
+
     def lengths(self) -> torch.Tensor:
         """Row lengths ``[B]``, with the offsets' dtype and device."""
         return self._offsets.diff()
@@ -254,3 +260,18 @@ class JaggedTensor(RowLayout):
 def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
     """``[B]`` lengths -> ``[B+1]`` offsets (same dtype and device), with no synchronisation."""
     return torch.cat([lengths.new_zeros(1), lengths.cumsum(0, dtype=lengths.dtype)])
+
+
+def _flatten_jagged(jt: JaggedTensor):
+    return [jt._values, jt._offsets], jt._max_len
+
+
+def _unflatten_jagged(children, max_len) -> JaggedTensor:
+    values, offsets = children
+    return JaggedTensor(values, offsets, max_len=max_len, validate=False)
+
+
+# A pytree node (children: values, offsets; context: max_len), so that pytree-based tools
+# (torch.export, tree_map over batches, ...) see through it; torch.compile traces it either way.
+torch.utils._pytree.register_pytree_node(
+    JaggedTensor, _flatten_jagged, _unflatten_jagged, serialized_type_name="jagged.JaggedTensor")

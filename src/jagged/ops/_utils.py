@@ -99,10 +99,13 @@ def check_max_len(max_len, name: str = "max_len") -> int:
         raise TypeError(f"{name} must be a Python int, got a tensor (call .item() yourself if a sync is fine)")
     if isinstance(max_len, bool):
         raise TypeError(f"{name} must be an int, got bool")
-    try:
-        max_len = operator.index(max_len)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(max_len).__name__} {max_len!r}") from None
+    if not torch.compiler.is_compiling():
+        # (Under torch.compile the value may be symbolic: operator.index would specialise the
+        # graph on it and recompile for every new max_len.)
+        try:
+            max_len = operator.index(max_len)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(max_len).__name__} {max_len!r}") from None
     if max_len < 0:
         raise ValueError(f"{name} must be >= 0, got {max_len}")
     return max_len
@@ -116,7 +119,17 @@ def flatten_features(x: torch.Tensor, leading: int) -> tuple[torch.Tensor, tuple
     """
     lead_shape = tuple(x.shape[:leading])
     feature_shape = tuple(x.shape[leading:])
+    if len(feature_shape) == 1:  # nothing to merge (and no reshape for torch.compile to trip on)
+        return x, feature_shape
     return x.reshape(*lead_shape, math.prod(feature_shape)), feature_shape
+
+
+def unflatten_features(x: torch.Tensor, feature_shape: tuple[int, ...]) -> torch.Tensor:
+    """Undo :func:`flatten_features` on a kernel output ``[..., D]``. A single feature dim is
+    left as is (no view: torch.compile's dynamic shapes trip on views of empty tensors)."""
+    if len(feature_shape) == 1:
+        return x
+    return x.view(*x.shape[:-1], *feature_shape)
 
 
 def memory_tile(feature_dim: int, element_size: int, tile_bytes: int = 16384,

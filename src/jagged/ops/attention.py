@@ -15,6 +15,7 @@ A query that sees no key (empty key row, or causal with L_q > L_k) gets 0 and ze
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -234,10 +235,15 @@ def _attention_backward_kernel(
                      CAUSAL, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
 
 
-def _tiles(kernel: str, head_dim: int, head_dim_v: int) -> dict:
-    """Block sizes and warps per kernel ("forward" or "backward"). Under the interpreter, 16 x 16
-    tiles so that small test rows still span several blocks (the multi-block paths are what
-    the tests must reach). See benchmarks/NOTES.md for how these were chosen."""
+# Rows at most this long take the short-row tiles (when the caller knows max_len).
+SHORT_ROWS = 512
+
+
+def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None) -> dict:
+    """Block sizes and warps per kernel ("forward" or "backward"), by head dim and, when the
+    longest row is known, by length bucket. Under the interpreter, 16 x 16 tiles so that small
+    test rows still span several blocks (the multi-block paths are what the tests must reach).
+    See benchmarks/NOTES.md for how these were chosen."""
     block_d = max(16, next_power_of_2(head_dim))
     block_dv = max(16, next_power_of_2(head_dim_v))
     dims = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
@@ -246,19 +252,29 @@ def _tiles(kernel: str, head_dim: int, head_dim_v: int) -> dict:
             return dict(KV_BLOCK_M=16, KV_BLOCK_N=16, Q_BLOCK_M=16, Q_BLOCK_N=16, num_warps=4, **dims)
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, **dims)
     widest = max(block_d, block_dv) > 128
+    short = max_len is not None and max_len <= SHORT_ROWS
     if kernel == "forward":
-        return dict(BLOCK_M=64, BLOCK_N=32 if widest else 64, num_warps=8 if widest else 4,
-                    num_stages=2 if widest else 3, **dims)
+        if widest:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, **dims)
+        # Short rows: 32-key blocks waste less of a row's last block (H100, graph replay: 33 -> 29
+        # us at B=256 max_L=256 D=64 skew; 94 -> 83 us at D=128).
+        return dict(BLOCK_M=64, BLOCK_N=32 if short else 64, num_warps=4, num_stages=3, **dims)
     # backward: dK/dV programs hold two accumulators [KV_BLOCK_N, D], so their query block is
     # small; dQ programs hold one [Q_BLOCK_M, D]. One kernel, so one warp count for both.
     # Measured on the H100 (benchmarks/tune_attention.py): 4 warps and 3 stages beat 8 warps / 2
     # stages at D=64 and D=128 (D=64, L=4096: 4.75 vs 5.94 ms; D=128: 262 vs 532 us).
     if widest:
         return dict(KV_BLOCK_M=16, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=16, num_warps=8, num_stages=2, **dims)
+    if short and max(block_d, block_dv) <= 64:  # 16-row inner blocks: 78 -> 65 us at max_L=256 D=64 skew
+        return dict(KV_BLOCK_M=16, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=16, num_warps=4, num_stages=3, **dims)
     return dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=32, num_warps=4, num_stages=3, **dims)
 
 
-def _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale):
+@torch.library.custom_op("jagged::flash_attention_forward", mutates_args=())
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
+                       k_offsets: torch.Tensor, causal: bool, scale: float,
+                       max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output ``[T_q, H, D_v]`` and the per-query log-sum-exp ``[H, T_q]`` (float32, base 2)."""
     total_q, heads, head_dim = q.shape
     head_dim_v = v.shape[2]
     out = torch.empty((total_q, heads, head_dim_v), dtype=q.dtype, device=q.device)
@@ -266,7 +282,7 @@ def _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale):
     batch_size = q_offsets.numel() - 1
     if total_q == 0 or heads == 0:
         return out, lse
-    tiles = _tiles("forward", head_dim, head_dim_v)
+    tiles = _tiles("forward", head_dim, head_dim_v, max_len)
     grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, q_offsets, k_offsets,
@@ -277,14 +293,23 @@ def _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale):
     return out, lse
 
 
-def _attention_backward(do, q, k, v, out, lse, q_offsets, k_offsets, causal, scale):
-    # Gradients are allocated contiguous (q, k, v may be strided views) and written with their
-    # own strides.
+@_attention_forward.register_fake
+def _(q, k, v, q_offsets, k_offsets, causal, scale, max_len=None):
+    return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("jagged::flash_attention_backward", mutates_args=())
+def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor, causal: bool,
+                        scale: float, max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV (contiguous; q, k, v may be strided views: each is read with its own strides)."""
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     batch_size, heads = q_offsets.numel() - 1, q.shape[1]
     if q.shape[0] == 0 or heads == 0:  # no query: nothing depends on k or v
         return dq, dk.zero_(), dv.zero_()
-    tiles = _tiles("backward", q.shape[2], v.shape[2])
+    do = unit_last_stride(do)
+    tiles = _tiles("backward", q.shape[2], v.shape[2], max_len)
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
     delta = torch.empty_like(lse)
@@ -302,20 +327,26 @@ def _attention_backward(do, q, k, v, out, lse, q_offsets, k_offsets, causal, sca
     return dq, dk, dv
 
 
-class _JaggedFlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, q_offsets, k_offsets, causal, scale):
-        out, lse = _attention_forward(q, k, v, q_offsets, k_offsets, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, q_offsets, k_offsets)
-        ctx.causal, ctx.scale = causal, scale
-        return out
+@_attention_backward.register_fake
+def _(do, q, k, v, out, lse, q_offsets, k_offsets, causal, scale, max_len=None):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, q_offsets, k_offsets = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(
-            unit_last_stride(grad_out), q, k, v, out, lse, q_offsets, k_offsets, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+
+def _save_for_attention_backward(ctx, inputs, output):
+    q, k, v, q_offsets, k_offsets, causal, scale, max_len = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], q_offsets, k_offsets)
+    ctx.causal, ctx.scale, ctx.max_len = causal, scale, max_len
+
+
+def _attention_autograd_backward(ctx, grad_out, grad_lse):
+    # lse is an internal output (saved for the backward): nothing differentiates through it.
+    q, k, v, out, lse, q_offsets, k_offsets = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(grad_out, q, k, v, out, lse, q_offsets, k_offsets, ctx.causal, ctx.scale,
+                                     ctx.max_len)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_forward.register_autograd(_attention_autograd_backward, setup_context=_save_for_attention_backward)
 
 
 def _check_attention_inputs(q, k, v, q_offsets, k_offsets):
@@ -343,7 +374,7 @@ def _check_attention_inputs(q, k, v, q_offsets, k_offsets):
 
 def jagged_flash_attention_values(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor,
-    *, causal: bool = False, scale: float | None = None, validate: bool = True,
+    *, causal: bool = False, scale: float | None = None, validate: bool = True, max_len: int | None = None,
 ) -> torch.Tensor:
     """Raw-tensor form of :func:`jagged_flash_attention`, for callers holding their own offsets.
 
@@ -356,22 +387,24 @@ def jagged_flash_attention_values(
         validate: check the offsets' contents against ``T_q`` and ``T_k`` (``offsets[0] == 0``,
             non-decreasing, ``offsets[-1] == T``; one device synchronisation each). Pass
             ``False`` on hot paths whose offsets are known good: the kernels trust them.
+        max_len: the longest row of q and k (or an upper bound), if known; it picks the tiles
+            (rows up to 512 get smaller ones) and never changes the result. Found by
+            ``validate`` when not given.
 
     Returns:
         ``[T_q, H, D_v]``, differentiable w.r.t. q, k and v.
     """
     _check_attention_inputs(q, k, v, q_offsets, k_offsets)
     if validate:
-        check_offsets_content(q_offsets, q.shape[0], name="q_offsets")
+        longest = check_offsets_content(q_offsets, q.shape[0], name="q_offsets")
         if k_offsets is not q_offsets or k.shape[0] != q.shape[0]:
-            check_offsets_content(k_offsets, k.shape[0], name="k_offsets")
+            longest = max(longest, check_offsets_content(k_offsets, k.shape[0], name="k_offsets"))
+        max_len = longest if max_len is None else max_len
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
     if not use_triton(q):
         return reference.jagged_attention(q, k, v, q_offsets, k_offsets, causal=causal, scale=scale)
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _JaggedFlashAttention.apply(q, k, v, q_offsets, k_offsets, bool(causal), scale)
-    return _attention_forward(q, k, v, q_offsets, k_offsets, bool(causal), scale)[0]  # inference: no autograd node
+    return _attention_forward(q, k, v, q_offsets, k_offsets, bool(causal), scale, max_len)[0]
 
 
 def jagged_flash_attention(q, k, v, *, causal: bool = False, scale: float | None = None):
@@ -414,6 +447,7 @@ def jagged_flash_attention(q, k, v, *, causal: bool = False, scale: float | None
             raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
     check_same_rows(v, k, "v", "k")
     # A JaggedTensor's offsets were checked when it was built (or the caller opted out).
+    known = (q.known_max_len, k.known_max_len)
     out = jagged_flash_attention_values(q.values, k.values, v.values, q.offsets, k.offsets, causal=causal, scale=scale,
-                                        validate=False)
+                                        validate=False, max_len=None if None in known else torch.sym_max(*known))
     return q.with_values(out)

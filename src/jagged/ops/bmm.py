@@ -1,5 +1,5 @@
 """Jagged batched matmuls: jagged x dense -> jagged, and jagged x jagged -> dense. Triton
-kernels, launchers, autograd and public functions.
+kernels, launchers (registered as ``jagged::`` custom ops, with autograd) and public functions.
 
 The two are each other's gradients (transposes are passed as strides, never copied):
     out = jagged_dense_bmm(x, y):   dx = jagged_dense_bmm(dout, y^T),  dy = jagged_jagged_bmm(x, dout)
@@ -104,7 +104,8 @@ def _jagged_bmm_tiles(m_dim: int, n_dim: int, element_size: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128 if n_dim > 64 else 64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
-def _launch_jagged_dense_bmm(x, y, offsets):
+@torch.library.custom_op("jagged::jagged_dense_bmm", mutates_args=())
+def _launch_jagged_dense_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [T, K] (rows by offsets), y [B, K, N] (any strides) -> [T, N]."""
     total, k_dim = x.shape
     batch_size, n_dim = offsets.numel() - 1, y.shape[2]
@@ -119,7 +120,13 @@ def _launch_jagged_dense_bmm(x, y, offsets):
     return out
 
 
-def _launch_jagged_jagged_bmm(x, y, offsets):
+@_launch_jagged_dense_bmm.register_fake
+def _(x, y, offsets):
+    return x.new_empty((x.shape[0], y.shape[2]))
+
+
+@torch.library.custom_op("jagged::jagged_jagged_bmm", mutates_args=())
+def _launch_jagged_jagged_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [T, M], y [T, N] (same rows, any strides) -> [B, M, N]."""
     batch_size, m_dim, n_dim = offsets.numel() - 1, x.shape[1], y.shape[1]
     out = torch.empty((batch_size, m_dim, n_dim), dtype=x.dtype, device=x.device)
@@ -133,32 +140,31 @@ def _launch_jagged_jagged_bmm(x, y, offsets):
     return out
 
 
-class _JaggedDenseBmm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, offsets):
-        ctx.save_for_backward(x, y, offsets)
-        return _launch_jagged_dense_bmm(x, y, offsets)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, y, offsets = ctx.saved_tensors
-        dx = _launch_jagged_dense_bmm(dout, y.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
-        dy = _launch_jagged_jagged_bmm(x, dout, offsets) if ctx.needs_input_grad[1] else None
-        return dx, dy, None
+@_launch_jagged_jagged_bmm.register_fake
+def _(x, y, offsets):
+    return x.new_empty((offsets.shape[0] - 1, x.shape[1], y.shape[1]))
 
 
-class _JaggedJaggedBmm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, offsets):
-        ctx.save_for_backward(x, y, offsets)
-        return _launch_jagged_jagged_bmm(x, y, offsets)
+def _save_operands(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
 
-    @staticmethod
-    def backward(ctx, dz):
-        x, y, offsets = ctx.saved_tensors
-        dx = _launch_jagged_dense_bmm(y, dz.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
-        dy = _launch_jagged_dense_bmm(x, dz, offsets) if ctx.needs_input_grad[1] else None
-        return dx, dy, None
+
+def _jagged_dense_bmm_backward(ctx, dout):
+    x, y, offsets = ctx.saved_tensors
+    dx = _launch_jagged_dense_bmm(dout, y.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    dy = _launch_jagged_jagged_bmm(x, dout, offsets) if ctx.needs_input_grad[1] else None
+    return dx, dy, None
+
+
+def _jagged_jagged_bmm_backward(ctx, dz):
+    x, y, offsets = ctx.saved_tensors
+    dx = _launch_jagged_dense_bmm(y, dz.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    dy = _launch_jagged_dense_bmm(x, dz, offsets) if ctx.needs_input_grad[1] else None
+    return dx, dy, None
+
+
+_launch_jagged_dense_bmm.register_autograd(_jagged_dense_bmm_backward, setup_context=_save_operands)
+_launch_jagged_jagged_bmm.register_autograd(_jagged_jagged_bmm_backward, setup_context=_save_operands)
 
 
 def jagged_dense_bmm(x, y: torch.Tensor):
@@ -190,7 +196,7 @@ def jagged_dense_bmm(x, y: torch.Tensor):
         raise ValueError(f"y must have x's dtype and device ({x.dtype}, {x.device}), got {y.dtype}, {y.device}")
     if not use_triton(x.values):
         return x.with_values(reference.jagged_dense_bmm(x.values, x.offsets, y))
-    return x.with_values(_JaggedDenseBmm.apply(x.values, y, x.offsets))
+    return x.with_values(_launch_jagged_dense_bmm(x.values, y, x.offsets))
 
 
 def jagged_jagged_bmm(x, y) -> torch.Tensor:
@@ -213,4 +219,4 @@ def jagged_jagged_bmm(x, y) -> torch.Tensor:
     check_same_rows(y, x, "y", "x")
     if not use_triton(x.values):
         return reference.jagged_jagged_bmm(x.values, y.values, x.offsets)
-    return _JaggedJaggedBmm.apply(x.values, y.values, x.offsets)
+    return _launch_jagged_jagged_bmm(x.values, y.values, x.offsets)

@@ -1,4 +1,5 @@
-"""Jagged <-> padded dense conversions: Triton kernels, launchers, autograd and public functions.
+"""Jagged <-> padded dense conversions: Triton kernels, launchers
+(``jagged::`` custom ops with autograd) and public functions.
 
 ``jagged_to_padded_dense`` and ``dense_to_jagged`` are each other's gradient. Trailing feature
 dims are flattened to one dim D for the kernels and restored afterwards.
@@ -21,6 +22,7 @@ from ._utils import (
     check_tensor,
     flatten_features,
     memory_tile,
+    unflatten_features,
     use_triton,
 )
 
@@ -95,7 +97,10 @@ def _dense_to_jagged_kernel(
              x.to(values_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _launch_jagged_to_padded_dense(values2d, offsets, max_len, padding_value):
+@torch.library.custom_op("jagged::jagged_to_padded_dense", mutates_args=())
+def _launch_jagged_to_padded_dense(values2d: torch.Tensor, offsets: torch.Tensor, max_len: int,
+                                   padding_value: float) -> torch.Tensor:
+    """values [T, D] -> [B, max_len, D]."""
     total_len, feature_dim = values2d.shape
     batch_size = offsets.numel() - 1
     dense = torch.empty((batch_size, max_len, feature_dim), dtype=values2d.dtype, device=values2d.device)
@@ -114,9 +119,15 @@ def _launch_jagged_to_padded_dense(values2d, offsets, max_len, padding_value):
     return dense
 
 
-def _launch_dense_to_jagged(dense3d, offsets, total_len, jagged2d=None, op=GATHER):
+@_launch_jagged_to_padded_dense.register_fake
+def _(values2d, offsets, max_len, padding_value):
+    return values2d.new_empty((offsets.shape[0] - 1, max_len, values2d.shape[1]))
+
+
+def gather_from_dense(dense3d, offsets, total_len, jagged2d=None, op=GATHER):
     """values[t] = dense[row(t), pos(t)] (0 past the dense length), or that value combined with
-    ``jagged2d[t]`` by ``op`` (GATHER_ADD / GATHER_MUL)."""
+    ``jagged2d[t]`` by ``op`` (GATHER_ADD / GATHER_MUL). The launcher behind ``dense_to_jagged`` and
+    the fused jagged-dense elementwise ops (each its own custom op)."""
     batch_size, dense_len, feature_dim = dense3d.shape
     values = torch.empty((total_len, feature_dim), dtype=dense3d.dtype, device=dense3d.device)
     if values.numel() == 0:
@@ -137,37 +148,41 @@ def _launch_dense_to_jagged(dense3d, offsets, total_len, jagged2d=None, op=GATHE
     return values
 
 
-class _JaggedToPaddedDense(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values2d, offsets, max_len, padding_value):
-        ctx.save_for_backward(offsets)
-        ctx.total_len = values2d.shape[0]
-        return _launch_jagged_to_padded_dense(values2d, offsets, max_len, padding_value)
-
-    @staticmethod
-    def backward(ctx, grad_dense):
-        (offsets,) = ctx.saved_tensors
-        grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_values = _launch_dense_to_jagged(grad_dense, offsets, ctx.total_len)
-        return grad_values, None, None, None
+@torch.library.custom_op("jagged::dense_to_jagged", mutates_args=())
+def _launch_dense_to_jagged(dense3d: torch.Tensor, offsets: torch.Tensor, total_len: int) -> torch.Tensor:
+    """dense [B, L, D] -> values [T, D]."""
+    return gather_from_dense(dense3d, offsets, total_len)
 
 
-class _DenseToJagged(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, dense3d, offsets, total_len):
-        ctx.save_for_backward(offsets)
-        ctx.dense_len = dense3d.shape[1]
-        return _launch_dense_to_jagged(dense3d, offsets, total_len)
+@_launch_dense_to_jagged.register_fake
+def _(dense3d, offsets, total_len):
+    return dense3d.new_empty((total_len, dense3d.shape[2]))
 
-    @staticmethod
-    def backward(ctx, grad_values):
-        (offsets,) = ctx.saved_tensors
-        grad_dense = None
-        if ctx.needs_input_grad[0]:
-            # Positions beyond a row's length were never read: their gradient is 0.
-            grad_dense = _launch_jagged_to_padded_dense(grad_values, offsets, ctx.dense_len, 0.0)
-        return grad_dense, None, None
+
+def _save_for_to_padded_backward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.total_len = inputs[0].shape[0]
+
+
+def _jagged_to_padded_dense_backward(ctx, grad_dense):
+    (offsets,) = ctx.saved_tensors
+    return _launch_dense_to_jagged(grad_dense, offsets, ctx.total_len), None, None, None
+
+
+def _save_for_to_jagged_backward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.dense_len = inputs[0].shape[1]
+
+
+def _dense_to_jagged_backward(ctx, grad_values):
+    (offsets,) = ctx.saved_tensors
+    # Positions beyond a row's length were never read: their gradient is 0.
+    return _launch_jagged_to_padded_dense(grad_values, offsets, ctx.dense_len, 0.0), None, None
+
+
+_launch_jagged_to_padded_dense.register_autograd(_jagged_to_padded_dense_backward,
+                                                 setup_context=_save_for_to_padded_backward)
+_launch_dense_to_jagged.register_autograd(_dense_to_jagged_backward, setup_context=_save_for_to_jagged_backward)
 
 
 def jagged_to_padded_dense(
@@ -214,8 +229,8 @@ def jagged_to_padded_dense(
     if not use_triton(values):
         return reference.jagged_to_padded_dense(values, offsets, max_len, padding_value)
     values2d, feature_shape = flatten_features(values, 1)
-    dense = _JaggedToPaddedDense.apply(values2d, offsets, max_len, float(padding_value))
-    return dense.view(dense.shape[0], max_len, *feature_shape)
+    dense = _launch_jagged_to_padded_dense(values2d, offsets, max_len, float(padding_value))
+    return unflatten_features(dense, feature_shape)
 
 
 def dense_to_jagged(
@@ -266,5 +281,5 @@ def dense_to_jagged(
     if not use_triton(dense):
         return reference.dense_to_jagged(dense, offsets, total_len)
     dense3d, feature_shape = flatten_features(dense, 2)
-    values = _DenseToJagged.apply(dense3d, offsets, total_len)
-    return values.view(total_len, *feature_shape)
+    values = _launch_dense_to_jagged(dense3d, offsets, total_len)
+    return unflatten_features(values, feature_shape)

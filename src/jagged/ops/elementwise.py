@@ -1,4 +1,4 @@
-"""Jagged (+|*) dense elementwise ops with a jagged output: autograd and public API. The kernel is
+"""Jagged (+|*) dense elementwise ops with a jagged output: custom op, autograd and public API. The kernel is
 the dense->jagged gather of ops/conversions.py with the op fused in (OP constexpr).
 
 Positions a row has beyond the dense tensor's length L read the dense operand as 0 (FBGEMM's
@@ -10,31 +10,42 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._utils import check_tensor, flatten_features, use_triton
-from .conversions import GATHER_ADD, GATHER_MUL, _launch_dense_to_jagged, _launch_jagged_to_padded_dense
+from ._utils import check_tensor, flatten_features, unflatten_features, use_triton
+from .conversions import GATHER_ADD, GATHER_MUL, _launch_jagged_to_padded_dense, gather_from_dense
 
 
-class _JaggedDenseElementwise(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, dense3d, offsets, op):
-        ctx.save_for_backward(x2d, dense3d, offsets)
-        ctx.op = op
-        return _launch_dense_to_jagged(dense3d, offsets, x2d.shape[0], x2d, op)
+@torch.library.custom_op("jagged::jagged_dense_elementwise", mutates_args=())
+def _jagged_dense_elementwise(x2d: torch.Tensor, dense3d: torch.Tensor, offsets: torch.Tensor, op: int) -> torch.Tensor:
+    """x [T, D] (+|*) dense [B, L, D] at each row's positions -> [T, D]."""
+    return gather_from_dense(dense3d, offsets, x2d.shape[0], x2d, op)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x2d, dense3d, offsets = ctx.saved_tensors
-        dense_len = dense3d.shape[1]
-        dx = ddense = None
-        # Each gradient only when asked for: the dense one writes all of [B, L, D].
-        if ctx.needs_input_grad[0]:
-            dx = grad if ctx.op == GATHER_ADD else _launch_dense_to_jagged(dense3d, offsets, x2d.shape[0], grad,
-                                                                           GATHER_MUL)
-        if ctx.needs_input_grad[1]:
-            # Positions past L never read the dense operand: no gradient flows there.
-            ddense = _launch_jagged_to_padded_dense(grad if ctx.op == GATHER_ADD else grad * x2d, offsets, dense_len,
-                                                    0.0)
-        return dx, ddense, None, None
+
+@_jagged_dense_elementwise.register_fake
+def _(x2d, dense3d, offsets, op):
+    return torch.empty_like(x2d, memory_format=torch.contiguous_format)
+
+
+def _save_for_elementwise_backward(ctx, inputs, output):
+    x2d, dense3d, offsets, op = inputs
+    ctx.save_for_backward(x2d, dense3d, offsets)
+    ctx.op = op
+
+
+def _jagged_dense_elementwise_backward(ctx, grad):
+    x2d, dense3d, offsets = ctx.saved_tensors
+    dense_len = dense3d.shape[1]
+    dx = ddense = None
+    # Each gradient only when asked for: the dense one writes all of [B, L, D].
+    if ctx.needs_input_grad[0]:
+        dx = grad if ctx.op == GATHER_ADD else _jagged_dense_elementwise(grad, dense3d, offsets, GATHER_MUL)
+    if ctx.needs_input_grad[1]:
+        # Positions past L never read the dense operand: no gradient flows there.
+        ddense = _launch_jagged_to_padded_dense(grad if ctx.op == GATHER_ADD else grad * x2d, offsets, dense_len, 0.0)
+    return dx, ddense, None, None
+
+
+_jagged_dense_elementwise.register_autograd(_jagged_dense_elementwise_backward,
+                                            setup_context=_save_for_elementwise_backward)
 
 
 def _elementwise(x, y, op, name):
@@ -52,10 +63,10 @@ def _elementwise(x, y, op, name):
     if not use_triton(x.values):
         fn = reference.jagged_dense_elementwise_add if op == GATHER_ADD else reference.jagged_dense_elementwise_mul
         return x.with_values(fn(x.values, x.offsets, y))
-    x2d, _ = flatten_features(x.values, 1)
+    x2d, feature_shape = flatten_features(x.values, 1)
     y3d, _ = flatten_features(y, 2)
-    out = _JaggedDenseElementwise.apply(x2d, y3d, x.offsets, op)
-    return x.with_values(out.view(x.values.shape))
+    out = _jagged_dense_elementwise(x2d, y3d, x.offsets, op)
+    return x.with_values(unflatten_features(out, feature_shape))
 
 
 def jagged_dense_elementwise_add(x, y: torch.Tensor):

@@ -86,7 +86,9 @@ def _tiles(inner_dim: int, n_dim: int = 64) -> dict:
                 num_stages=3)
 
 
-def _launch_jagged_jagged_bmm_jagged_out(x, y, offsets, square_offsets, total_square):
+@torch.library.custom_op("jagged::jagged_jagged_bmm_jagged_out", mutates_args=())
+def _launch_jagged_jagged_bmm_jagged_out(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor,
+                                         square_offsets: torch.Tensor, total_square: int) -> torch.Tensor:
     """x, y ``[T, K]`` (same rows, any strides) -> ``[total_square]`` row-major x_b @ y_b^T blocks."""
     out = torch.empty(total_square, dtype=x.dtype, device=x.device)
     if total_square == 0:
@@ -99,7 +101,9 @@ def _launch_jagged_jagged_bmm_jagged_out(x, y, offsets, square_offsets, total_sq
     return out
 
 
-def _launch_jagged2_jagged_bmm(p, v, offsets, square_offsets, transpose_p):
+@torch.library.custom_op("jagged::jagged2_jagged_bmm", mutates_args=())
+def _launch_jagged2_jagged_bmm(p: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, square_offsets: torch.Tensor,
+                               transpose_p: bool) -> torch.Tensor:
     """p ``[S]`` jagged2 blocks (read transposed if asked), v ``[T, N]`` -> ``[T, N]``."""
     p = unit_last_stride(p)
     total, n_dim = v.shape
@@ -115,35 +119,47 @@ def _launch_jagged2_jagged_bmm(p, v, offsets, square_offsets, transpose_p):
     return out
 
 
-class _JaggedJaggedBmmJaggedOut(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, offsets, square_offsets, total_square):
-        ctx.save_for_backward(x, y, offsets, square_offsets)
-        return _launch_jagged_jagged_bmm_jagged_out(x, y, offsets, square_offsets, total_square)
-
-    @staticmethod
-    def backward(ctx, ds):
-        x, y, offsets, square_offsets = ctx.saved_tensors
-        dx = _launch_jagged2_jagged_bmm(ds, y, offsets, square_offsets, False) if ctx.needs_input_grad[0] else None
-        dy = _launch_jagged2_jagged_bmm(ds, x, offsets, square_offsets, True) if ctx.needs_input_grad[1] else None
-        return dx, dy, None, None, None
+@_launch_jagged_jagged_bmm_jagged_out.register_fake
+def _(x, y, offsets, square_offsets, total_square):
+    return x.new_empty((total_square,))
 
 
-class _Jagged2JaggedBmm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, p, v, offsets, square_offsets):
-        ctx.save_for_backward(p, v, offsets, square_offsets)
-        return _launch_jagged2_jagged_bmm(p, v, offsets, square_offsets, False)
+@_launch_jagged2_jagged_bmm.register_fake
+def _(p, v, offsets, square_offsets, transpose_p):
+    return v.new_empty((v.shape[0], v.shape[1]))
 
-    @staticmethod
-    def backward(ctx, dout):
-        p, v, offsets, square_offsets = ctx.saved_tensors
-        dp = dv = None
-        if ctx.needs_input_grad[0]:
-            dp = _launch_jagged_jagged_bmm_jagged_out(dout, v, offsets, square_offsets, p.numel())
-        if ctx.needs_input_grad[1]:
-            dv = _launch_jagged2_jagged_bmm(p, dout, offsets, square_offsets, True)
-        return dp, dv, None, None
+
+def _save_operands(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+
+
+def _jagged_jagged_bmm_jagged_out_backward(ctx, ds):
+    x, y, offsets, square_offsets = ctx.saved_tensors
+    dx = _launch_jagged2_jagged_bmm(ds, y, offsets, square_offsets, False) if ctx.needs_input_grad[0] else None
+    dy = _launch_jagged2_jagged_bmm(ds, x, offsets, square_offsets, True) if ctx.needs_input_grad[1] else None
+    return dx, dy, None, None, None
+
+
+def _save_for_jagged2_jagged_bmm_backward(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.transpose_p = inputs[4]
+
+
+def _jagged2_jagged_bmm_backward(ctx, dout):
+    p, v, offsets, square_offsets = ctx.saved_tensors
+    dp = dv = None
+    if ctx.needs_input_grad[0]:  # d(p^T) is the transpose of dp: swap the operands
+        dp = (_launch_jagged_jagged_bmm_jagged_out(v, dout, offsets, square_offsets, p.numel()) if ctx.transpose_p
+              else _launch_jagged_jagged_bmm_jagged_out(dout, v, offsets, square_offsets, p.numel()))
+    if ctx.needs_input_grad[1]:
+        dv = _launch_jagged2_jagged_bmm(p, dout, offsets, square_offsets, not ctx.transpose_p)
+    return dp, dv, None, None, None
+
+
+_launch_jagged_jagged_bmm_jagged_out.register_autograd(_jagged_jagged_bmm_jagged_out_backward,
+                                                       setup_context=_save_operands)
+_launch_jagged2_jagged_bmm.register_autograd(_jagged2_jagged_bmm_backward,
+                                             setup_context=_save_for_jagged2_jagged_bmm_backward)
 
 
 def jagged_jagged_bmm_jagged_out(x, y):
@@ -181,7 +197,7 @@ def jagged_jagged_bmm_jagged_out(x, y):
         values = reference.jagged_jagged_bmm_jagged_out(x.values, y.values, x.offsets)
     else:
         total_square = int(square_offsets[-1])
-        values = _JaggedJaggedBmmJaggedOut.apply(x.values, y.values, x.offsets, square_offsets, total_square)
+        values = _launch_jagged_jagged_bmm_jagged_out(x.values, y.values, x.offsets, square_offsets, total_square)
     return Jagged2Tensor(values, x.offsets, square_offsets=square_offsets, max_len=x._max_len, total_len=x.total_len,
                          validate=False)
 
@@ -206,4 +222,4 @@ def jagged2_jagged_bmm(p, v):
     check_same_rows(v, p, "v", "p")
     if not use_triton(v.values):
         return v.with_values(reference.jagged2_jagged_bmm(p.values, v.offsets, v.values))
-    return v.with_values(_Jagged2JaggedBmm.apply(p.values, v.values, v.offsets, p.square_offsets))
+    return v.with_values(_launch_jagged2_jagged_bmm(p.values, v.values, v.offsets, p.square_offsets, False))

@@ -55,7 +55,11 @@ def _dense_to_jagged2_kernel(
     tl.store(values_ptr + flat, x, mask=ok)
 
 
-def _launch_jagged2_to_padded_dense(values, offsets, square_offsets, max_len, padding_value):
+@torch.library.custom_op("jagged::jagged2_to_padded_dense", mutates_args=())
+def _launch_jagged2_to_padded_dense(values: torch.Tensor, offsets: torch.Tensor, square_offsets: torch.Tensor,
+                                    max_len: int, padding_value: float) -> torch.Tensor:
+    """values [S] -> [B, max_len, max_len]."""
+    values = unit_last_stride(values)
     batch_size = offsets.numel() - 1
     dense = torch.empty((batch_size, max_len, max_len), dtype=values.dtype, device=values.device)
     if dense.numel() == 0:
@@ -68,7 +72,10 @@ def _launch_jagged2_to_padded_dense(values, offsets, square_offsets, max_len, pa
     return dense
 
 
-def _launch_dense_to_jagged2(dense, offsets, square_offsets, total_square):
+@torch.library.custom_op("jagged::dense_to_jagged2", mutates_args=())
+def _launch_dense_to_jagged2(dense: torch.Tensor, offsets: torch.Tensor, square_offsets: torch.Tensor,
+                             total_square: int) -> torch.Tensor:
+    """dense [B, N, M] -> values [S] (0 where a row's block is larger than the dense one)."""
     values = torch.empty(total_square, dtype=dense.dtype, device=dense.device)
     if total_square == 0:
         return values
@@ -80,35 +87,43 @@ def _launch_dense_to_jagged2(dense, offsets, square_offsets, total_square):
     return values
 
 
-class _Jagged2ToPaddedDense(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values, offsets, square_offsets, max_len, padding_value):
-        ctx.save_for_backward(offsets, square_offsets)
-        ctx.total_square = values.numel()
-        return _launch_jagged2_to_padded_dense(unit_last_stride(values), offsets, square_offsets, max_len,
-                                               padding_value)
-
-    @staticmethod
-    def backward(ctx, grad_dense):
-        offsets, square_offsets = ctx.saved_tensors
-        return _launch_dense_to_jagged2(grad_dense, offsets, square_offsets, ctx.total_square), None, None, None, None
+@_launch_jagged2_to_padded_dense.register_fake
+def _(values, offsets, square_offsets, max_len, padding_value):
+    return values.new_empty((offsets.shape[0] - 1, max_len, max_len))
 
 
-class _DenseToJagged2(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, dense, offsets, square_offsets, total_square):
-        ctx.save_for_backward(offsets, square_offsets)
-        ctx.dense_shape = dense.shape
-        return _launch_dense_to_jagged2(dense, offsets, square_offsets, total_square)
+@_launch_dense_to_jagged2.register_fake
+def _(dense, offsets, square_offsets, total_square):
+    return dense.new_empty((total_square,))
 
-    @staticmethod
-    def backward(ctx, grad_values):
-        offsets, square_offsets = ctx.saved_tensors
-        lines, cols = ctx.dense_shape[1:]
-        # The gradient lives on the top-left min(N, L) block; pad to the larger extent, then cut.
-        side = max(lines, cols)
-        grad = _launch_jagged2_to_padded_dense(unit_last_stride(grad_values), offsets, square_offsets, side, 0.0)
-        return grad[:, :lines, :cols], None, None, None
+
+def _save_for_to_padded_backward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.total_square = inputs[0].numel()
+
+
+def _jagged2_to_padded_dense_backward(ctx, grad_dense):
+    offsets, square_offsets = ctx.saved_tensors
+    return _launch_dense_to_jagged2(grad_dense, offsets, square_offsets, ctx.total_square), None, None, None, None
+
+
+def _save_for_to_jagged2_backward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.dense_shape = inputs[0].shape
+
+
+def _dense_to_jagged2_backward(ctx, grad_values):
+    offsets, square_offsets = ctx.saved_tensors
+    lines, cols = ctx.dense_shape[1:]
+    # The gradient lives on the top-left min(N, L) block; pad to the larger extent, then cut.
+    side = max(lines, cols)
+    grad = _launch_jagged2_to_padded_dense(grad_values, offsets, square_offsets, side, 0.0)
+    return grad[:, :lines, :cols], None, None, None
+
+
+_launch_jagged2_to_padded_dense.register_autograd(_jagged2_to_padded_dense_backward,
+                                                  setup_context=_save_for_to_padded_backward)
+_launch_dense_to_jagged2.register_autograd(_dense_to_jagged2_backward, setup_context=_save_for_to_jagged2_backward)
 
 
 def jagged2_to_padded_dense(s, max_len: int | None = None, padding_value: float = 0.0) -> torch.Tensor:
@@ -135,7 +150,7 @@ def jagged2_to_padded_dense(s, max_len: int | None = None, padding_value: float 
     max_len = s.max_len if max_len is None else check_max_len(max_len)
     if not use_triton(s.values):
         return reference.jagged2_to_padded_dense(s.values, s.offsets, max_len, padding_value)
-    return _Jagged2ToPaddedDense.apply(s.values, s.offsets, s.square_offsets, max_len, float(padding_value))
+    return _launch_jagged2_to_padded_dense(s.values, s.offsets, s.square_offsets, max_len, float(padding_value))
 
 
 def dense_to_jagged2(dense: torch.Tensor, offsets: torch.Tensor, *, max_len: int | None = None,
@@ -173,6 +188,6 @@ def dense_to_jagged2(dense: torch.Tensor, offsets: torch.Tensor, *, max_len: int
     if not use_triton(dense):
         values = reference.dense_to_jagged2(dense, offsets)
     else:
-        values = _DenseToJagged2.apply(dense, offsets, square_offsets, total_square)
+        values = _launch_dense_to_jagged2(dense, offsets, square_offsets, total_square)
     return Jagged2Tensor(values, offsets, square_offsets=square_offsets, max_len=max_len, total_len=total_len,
                          validate=False)

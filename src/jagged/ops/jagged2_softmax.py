@@ -87,25 +87,49 @@ def _launch(kernel, tensors, offsets, square_offsets, total_len, causal):
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
 
-class _Jagged2Softmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, offsets, square_offsets, total_len, causal):
-        s = unit_last_stride(s)
-        y = torch.empty_like(s)
-        if y.numel():
-            _launch(_jagged2_softmax_forward_kernel, (s, y), offsets, square_offsets, total_len, causal)
-        ctx.save_for_backward(y, offsets, square_offsets)
-        ctx.total_len, ctx.causal = total_len, causal
-        return y
+@torch.library.custom_op("jagged::jagged2_softmax_forward", mutates_args=())
+def _jagged2_softmax_forward(s: torch.Tensor, offsets: torch.Tensor, square_offsets: torch.Tensor, total_len: int,
+                             causal: bool) -> torch.Tensor:
+    """s [S] -> softmax along each line of every row's block, [S]."""
+    s = unit_last_stride(s)
+    y = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    if y.numel():
+        _launch(_jagged2_softmax_forward_kernel, (s, y), offsets, square_offsets, total_len, causal)
+    return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        y, offsets, square_offsets = ctx.saved_tensors
-        dy = unit_last_stride(dy)
-        dx = torch.empty_like(y)
-        if dx.numel():
-            _launch(_jagged2_softmax_backward_kernel, (y, dy, dx), offsets, square_offsets, ctx.total_len, ctx.causal)
-        return dx, None, None, None, None
+
+@torch.library.custom_op("jagged::jagged2_softmax_backward", mutates_args=())
+def _jagged2_softmax_backward(y: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, square_offsets: torch.Tensor,
+                              total_len: int, causal: bool) -> torch.Tensor:
+    dy = unit_last_stride(dy)
+    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if dx.numel():
+        _launch(_jagged2_softmax_backward_kernel, (y, dy, dx), offsets, square_offsets, total_len, causal)
+    return dx
+
+
+@_jagged2_softmax_forward.register_fake
+def _(s, offsets, square_offsets, total_len, causal):
+    return s.new_empty(s.shape)
+
+
+@_jagged2_softmax_backward.register_fake
+def _(y, dy, offsets, square_offsets, total_len, causal):
+    return y.new_empty(y.shape)
+
+
+def _save_for_jagged2_softmax_backward(ctx, inputs, output):
+    _, offsets, square_offsets, ctx.total_len, ctx.causal = inputs
+    ctx.save_for_backward(output, offsets, square_offsets)
+
+
+def _jagged2_softmax_autograd_backward(ctx, dy):
+    y, offsets, square_offsets = ctx.saved_tensors
+    return _jagged2_softmax_backward(y, dy, offsets, square_offsets, ctx.total_len, ctx.causal), None, None, None, None
+
+
+_jagged2_softmax_forward.register_autograd(_jagged2_softmax_autograd_backward,
+                                           setup_context=_save_for_jagged2_softmax_backward)
 
 
 def jagged2_softmax(s, *, causal: bool = False):
@@ -127,4 +151,4 @@ def jagged2_softmax(s, *, causal: bool = False):
     check_jagged2(s, "s")
     if not use_triton(s.values):
         return s.with_values(reference.jagged2_softmax(s.values, s.offsets, causal=causal))
-    return s.with_values(_Jagged2Softmax.apply(s.values, s.offsets, s.square_offsets, s.total_len, bool(causal)))
+    return s.with_values(_jagged2_softmax_forward(s.values, s.offsets, s.square_offsets, s.total_len, bool(causal)))

@@ -1,4 +1,5 @@
-"""Jagged pooling: per-row sum and mean -> dense ``[B, *F]``. Triton kernel, autograd, public API.
+"""Jagged pooling: per-row sum and mean -> dense ``[B, *F]``. Triton kernel,
+launcher (``jagged::jagged_pool`` custom op, with autograd), public API.
 
 The backward broadcasts each row's gradient to the row's positions; that is ``dense_to_jagged``
 of the gradient expanded (stride 0) along a length axis, so it reuses that kernel.
@@ -12,7 +13,7 @@ import triton.language as tl
 
 from .. import reference
 from ._rows import load_row_chunk, row_span
-from ._utils import check_float_features, row_walk_launch, rows_as_matrix, use_triton
+from ._utils import check_float_features, row_walk_launch, rows_as_matrix, unflatten_features, use_triton
 from .conversions import _launch_dense_to_jagged
 
 
@@ -37,7 +38,9 @@ def _jagged_pool_kernel(
     tl.store(out_ptr + row * stride_ob + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-def _launch_pool(values2d, offsets, mean):
+@torch.library.custom_op("jagged::jagged_pool", mutates_args=())
+def _launch_pool(values2d: torch.Tensor, offsets: torch.Tensor, mean: bool) -> torch.Tensor:
+    """values [T, D] -> per-row sum or mean [B, D]."""
     batch_size = offsets.numel() - 1
     feature_dim = values2d.shape[1]
     out = torch.empty((batch_size, feature_dim), dtype=values2d.dtype, device=values2d.device)
@@ -48,23 +51,28 @@ def _launch_pool(values2d, offsets, mean):
     return out
 
 
-class _JaggedPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values2d, offsets, mean):
-        ctx.save_for_backward(offsets)
-        ctx.total_len, ctx.mean = values2d.shape[0], mean
-        return _launch_pool(values2d, offsets, mean)
+@_launch_pool.register_fake
+def _(values2d, offsets, mean):
+    return values2d.new_empty((offsets.shape[0] - 1, values2d.shape[1]))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (offsets,) = ctx.saved_tensors
-        if ctx.mean:
-            lengths = offsets.diff().clamp(min=1).to(torch.float32)
-            grad_out = (grad_out.float() / lengths[:, None]).to(grad_out.dtype)
-        # Row b's gradient at each of its positions: a stride-0 "dense" [B, T, D] view, long
-        # enough for any row, gathered by the dense_to_jagged kernel.
-        expanded = grad_out[:, None, :].expand(grad_out.shape[0], max(ctx.total_len, 1), grad_out.shape[1])
-        return _launch_dense_to_jagged(expanded, offsets, ctx.total_len), None, None
+
+def _save_for_pool_backward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.total_len, ctx.mean = inputs[0].shape[0], inputs[2]
+
+
+def _pool_backward(ctx, grad_out):
+    (offsets,) = ctx.saved_tensors
+    if ctx.mean:
+        lengths = offsets.diff().clamp(min=1).to(torch.float32)
+        grad_out = (grad_out.float() / lengths[:, None]).to(grad_out.dtype)
+    # Row b's gradient at each of its positions: a stride-0 "dense" [B, T, D] view, long
+    # enough for any row, gathered by the dense_to_jagged kernel.
+    expanded = grad_out[:, None, :].expand(grad_out.shape[0], max(ctx.total_len, 1), grad_out.shape[1])
+    return _launch_dense_to_jagged(expanded, offsets, ctx.total_len), None, None
+
+
+_launch_pool.register_autograd(_pool_backward, setup_context=_save_for_pool_backward)
 
 
 def _pool(x, mean: bool, name: str) -> torch.Tensor:
@@ -72,7 +80,7 @@ def _pool(x, mean: bool, name: str) -> torch.Tensor:
     if not use_triton(x.values):
         return (reference.jagged_mean if mean else reference.jagged_sum)(x.values, x.offsets)
     values2d, feature_shape = rows_as_matrix(x.values)
-    return _JaggedPool.apply(values2d, x.offsets, mean).view(x.batch_size, *feature_shape)
+    return unflatten_features(_launch_pool(values2d, x.offsets, mean), feature_shape)
 
 
 def jagged_sum(x) -> torch.Tensor:

@@ -10,7 +10,8 @@ import triton.language as tl
 from .. import reference
 from ._online_softmax import online_softmax_step, softmax_weights
 from ._rows import load_row_chunk, row_span
-from ._utils import check_float_features, row_walk_launch, rows_as_matrix, unit_last_stride, use_triton
+from ._utils import (check_float_features, row_walk_launch, rows_as_matrix, unflatten_features, unit_last_stride,
+                     use_triton)
 
 # 16 KB token chunks (64 columns): the best of benchmarks/tune_ops.py's sweep at the issue's
 # shapes, 1.1-1.6 TB/s against 0.8-1.5 with pooling's 8 KB (benchmarks/NOTES.md).
@@ -73,26 +74,48 @@ def _jagged_softmax_backward_kernel(
                  (y * (dy - dot[None, :])).to(dx_ptr.dtype.element_ty), mask=in_row[:, None] & col_ok[None, :])
 
 
-class _JaggedSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, offsets):
-        y = torch.empty((x2d.shape[0], x2d.shape[1]), dtype=x2d.dtype, device=x2d.device)
-        if y.numel():
-            grid, tiles = row_walk_launch(offsets, x2d, tile_bytes=SOFTMAX_TILE_BYTES)
-            _jagged_softmax_forward_kernel[grid](x2d, offsets, y, x2d.shape[1], x2d.stride(0), y.stride(0), **tiles)
-        ctx.save_for_backward(y, offsets)
-        return y
+@torch.library.custom_op("jagged::jagged_softmax_forward", mutates_args=())
+def _softmax_forward(x2d: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [T, D] (any token stride, unit feature stride) -> y [T, D], softmax within each row."""
+    y = torch.empty((x2d.shape[0], x2d.shape[1]), dtype=x2d.dtype, device=x2d.device)
+    if y.numel():
+        grid, tiles = row_walk_launch(offsets, x2d, tile_bytes=SOFTMAX_TILE_BYTES)
+        _jagged_softmax_forward_kernel[grid](x2d, offsets, y, x2d.shape[1], x2d.stride(0), y.stride(0), **tiles)
+    return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        y, offsets = ctx.saved_tensors
-        dy = unit_last_stride(dy)
-        dx = torch.empty_like(y)
-        if dx.numel():
-            grid, tiles = row_walk_launch(offsets, y, tile_bytes=SOFTMAX_TILE_BYTES)
-            _jagged_softmax_backward_kernel[grid](y, dy, offsets, dx, y.shape[1], y.stride(0), dy.stride(0),
-                                                  dx.stride(0), **tiles)
-        return dx, None
+
+@torch.library.custom_op("jagged::jagged_softmax_backward", mutates_args=())
+def _softmax_backward(y: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """dx = y * (dy - rowsum(y * dy)), per row and column."""
+    dy = unit_last_stride(dy)
+    dx = torch.empty((y.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)
+    if dx.numel():
+        grid, tiles = row_walk_launch(offsets, y, tile_bytes=SOFTMAX_TILE_BYTES)
+        _jagged_softmax_backward_kernel[grid](y, dy, offsets, dx, y.shape[1], y.stride(0), dy.stride(0),
+                                              dx.stride(0), **tiles)
+    return dx
+
+
+@_softmax_forward.register_fake
+def _(x2d, offsets):
+    return x2d.new_empty((x2d.shape[0], x2d.shape[1]))
+
+
+@_softmax_backward.register_fake
+def _(y, dy, offsets):
+    return y.new_empty((y.shape[0], y.shape[1]))
+
+
+def _save_for_softmax_backward(ctx, inputs, output):
+    ctx.save_for_backward(output, inputs[1])
+
+
+def _softmax_autograd_backward(ctx, dy):
+    y, offsets = ctx.saved_tensors
+    return _softmax_backward(y, dy, offsets), None
+
+
+_softmax_forward.register_autograd(_softmax_autograd_backward, setup_context=_save_for_softmax_backward)
 
 
 def jagged_softmax(x):
@@ -120,5 +143,5 @@ def jagged_softmax(x):
     if not use_triton(x.values):
         return x.with_values(reference.jagged_softmax(x.values, x.offsets))
     x2d, feature_shape = rows_as_matrix(x.values)
-    y = _JaggedSoftmax.apply(x2d, x.offsets)
-    return x.with_values(y.view(x.total_len, *feature_shape))
+    y = _softmax_forward(x2d, x.offsets)
+    return x.with_values(unflatten_features(y, feature_shape))
