@@ -3,13 +3,21 @@
 Methods, on the same jagged self-attention inputs (q, k, v values [T, H, D] + offsets):
 - jagged: this library (jagged.jagged_flash_attention_values);
 - fa2_varlen: PyTorch's FlashAttention-2 varlen kernel, torch.ops.aten._flash_attention_forward /
-  _flash_attention_backward with int32 cumulative offsets (the strongest peer);
+  _flash_attention_backward with int32 cumulative offsets (the strongest peer), called directly:
+  its forward + backward pays no autograd;
+- fa2_varlen_attn: the same kernel through PyTorch's public torch.nn.attention.varlen.varlen_attn
+  (a custom op with autograd, as ours; torch >= 2.10), what a user calls;
 - flex: FlexAttention (torch.compile'd) on the packed sequence with a same-row block mask (the
   mask is built outside the timed region; its build time is reported as flex_mask_ms);
 - sdpa_padded: pad -> F.scaled_dot_product_attention (flash backend) -> unpad. The flash backend
   takes no padding mask, so without causal it also attends to padded keys (a timing baseline);
 - dense: pad -> masked softmax(q k^T) v in plain PyTorch -> unpad.
 Padded methods include the padding and un-padding a user holding jagged data must do.
+
+Times are medians of eager calls (do_bench), which on short rows include the host's Python and
+launch cost. For jagged and the FA2 kernels the calls are also captured in a CUDA graph and
+replayed (*_graph_ms: GPU time alone), and ours is also timed calling its two custom ops
+directly without autograd (fwd_bwd_direct_ms: the same work as fa2_varlen's f+b).
 
 TFLOP/s count real tokens only: 4 * sum(L_i^2) * H * D forward (half with causal), 3.5x that for
 forward + backward. Peak memory is for forward + backward, above the inputs.
@@ -26,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import jagged
-from _common import (bench, bench_main, jagged_inputs, ON_GPU, padded_to_dense, padded_to_jagged,
+from jagged.ops import attention
+from _common import (bench, bench_graph, bench_main, jagged_inputs, ON_GPU, padded_to_dense, padded_to_jagged,
                      peak_memory_mib, print_table, save)
 
 # (B, max_L, H, D, lengths, causal): the shared peer-baseline shapes, then causal ones.
@@ -44,7 +53,7 @@ CPU_CASES = [(4, 32, 2, 16, "unif", False), (4, 32, 2, 16, "skew", True)]
 def method_fns(q, k, v, offsets, max_len, causal, use_flex):
     """name -> forward function of (q, k, v) returning jagged output values [T, H, D]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    fns = {"jagged": lambda q, k, v: jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=causal, validate=False)}
+    fns = {"jagged": Jagged(offsets, max_len, causal, scale)}
 
     def padded(x):  # [T, H, D] -> [B, H, L, D]
         return padded_to_dense(x, offsets, max_len).transpose(1, 2)
@@ -73,6 +82,14 @@ def method_fns(q, k, v, offsets, max_len, causal, use_flex):
 
         fns["sdpa_padded"] = sdpa_padded
         fns["fa2_varlen"] = FlashVarlen(offsets.int(), max_len, causal, scale)
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # torch < 2.10
+            varlen_attn = None
+        if varlen_attn is not None and not causal:  # its causal flag's name changed between releases
+            cu_seqlens = offsets.int()
+            fns["fa2_varlen_attn"] = lambda q, k, v: varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
+                                                                 scale=scale)
         if use_flex:
             try:
                 fns["flex"] = Flex(offsets, q.shape[0], causal)
@@ -80,6 +97,23 @@ def method_fns(q, k, v, offsets, max_len, causal, use_flex):
                 torch.cuda.empty_cache()
                 fns["flex"] = None  # reported as out of memory
     return fns
+
+
+class Jagged:
+    """This library as a JaggedTensor user calls it (max_len known, no offsets check), and its two
+    custom ops called directly for a forward + backward without autograd."""
+
+    def __init__(self, offsets, max_len, causal, scale):
+        self.offsets, self.max_len, self.causal, self.scale = offsets, max_len, causal, scale
+
+    def __call__(self, q, k, v):
+        return jagged.jagged_flash_attention_values(q, k, v, self.offsets, self.offsets, causal=self.causal,
+                                                    validate=False, max_len=self.max_len)
+
+    def forward_backward_direct(self, q, k, v, grad):
+        args = (self.offsets, self.offsets, self.causal, self.scale, self.max_len)
+        out, lse = attention._attention_forward(q, k, v, *args)  # the ops' eager path, as the library calls them
+        return attention._attention_backward(grad, q, k, v, out, lse, *args)
 
 
 class FlashVarlen:
@@ -127,6 +161,9 @@ class Flex:
         return Flex.compiled(*packed, block_mask=self.block_mask)[0].transpose(0, 1)
 
 
+GRAPH_METHODS = ("jagged", "fa2_varlen", "fa2_varlen_attn")
+
+
 def measure(name, fn, q, k, v):
     """Forward and forward+backward median times, and peak memory of forward+backward."""
     if fn is None:
@@ -140,6 +177,11 @@ def measure(name, fn, q, k, v):
     try:
         fb()  # compile / warm up
         result = {"fwd_ms": bench(lambda: fn(q, k, v)), "fwd_bwd_ms": bench(fb), "peak_MiB": peak_memory_mib(fb)}
+        if isinstance(fn, Jagged) and ON_GPU:  # (the ops run Triton: no CPU path of their own)
+            result["fwd_bwd_direct_ms"] = bench(lambda: fn.forward_backward_direct(q, k, v, grad))
+        if name in GRAPH_METHODS and ON_GPU:  # no host sync inside: capturable
+            result["fwd_graph_ms"] = bench_graph(lambda: fn(q, k, v))
+            result["fwd_bwd_graph_ms"] = bench_graph(fb)
     except torch.cuda.OutOfMemoryError:
         result = {"fwd_ms": None, "fwd_bwd_ms": None, "peak_MiB": None, "note": "out of memory"}
     if ON_GPU:
@@ -170,8 +212,8 @@ def run(quick=False, no_flex=False, out="results"):
                 if isinstance(fn, Flex):
                     row["flex_mask_ms"] = fn.mask_ms
                 if name == "jagged" and expected is not None:
-                    out = fn(q, k, v).float()
-                    row["rel_err_vs_fa2"] = float((out - expected.float()).norm() / expected.float().norm())
+                    got = fn(q, k, v).float()
+                    row["rel_err_vs_fa2"] = float((got - expected.float()).norm() / expected.float().norm())
                 rows.append(row)
                 print(f"  {name:12s} B={batch_size} L={max_len} H={heads} D={head_dim} {distribution} causal={causal}: "
                       f"fwd {row['fwd_ms']} ms, f+b {row['fwd_bwd_ms']} ms", flush=True)
@@ -191,11 +233,16 @@ def summarise(rows):
         line["ours fwd ms"] = ours["fwd_ms"]
         line["ours fwd TF"] = ours.get("fwd_TFLOPs")
         line["ours f+b TF"] = ours.get("fwd_bwd_TFLOPs")
-        for peer in ("fa2_varlen", "flex", "sdpa_padded", "dense"):
+        for peer in ("fa2_varlen", "fa2_varlen_attn", "flex", "sdpa_padded", "dense"):
             r = by.get(peer)
             if r and r["fwd_ms"]:
                 line[f"{peer} fwd x"] = r["fwd_ms"] / ours["fwd_ms"]
-                line[f"{peer} f+b x"] = r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+                # aten's FA2 f+b runs without autograd: compare with our ops called the same way.
+                ours_fb = ours.get("fwd_bwd_direct_ms") if peer == "fa2_varlen" else None
+                line[f"{peer} f+b x"] = r["fwd_bwd_ms"] / (ours_fb or ours["fwd_bwd_ms"])
+            if r and r.get("fwd_graph_ms") and ours.get("fwd_graph_ms"):
+                line[f"{peer} graph fwd x"] = r["fwd_graph_ms"] / ours["fwd_graph_ms"]
+                line[f"{peer} graph f+b x"] = r["fwd_bwd_graph_ms"] / ours["fwd_bwd_graph_ms"]
         if by.get("dense", {}).get("peak_MiB") and ours["peak_MiB"]:
             line["dense/ours mem"] = by["dense"]["peak_MiB"] / ours["peak_MiB"]
         table.append(line)

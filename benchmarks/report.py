@@ -61,7 +61,8 @@ def ratio(peer: dict | None, ours: dict, field: str):
 # ------------------------------------------------------------------ sections
 def attention_section(data: dict) -> str:
     keys = ("B", "max_L", "H", "D", "lengths", "causal", "fill")
-    peers = [m for m in ("fa2_varlen", "flex", "sdpa_padded", "dense") if any(r["method"] == m for r in data["rows"])]
+    peers = [m for m in ("fa2_varlen", "fa2_varlen_attn", "flex", "sdpa_padded", "dense")
+             if any(r["method"] == m for r in data["rows"])]
     header = [*keys, "ours fwd TF/s", "ours f+b TF/s"] + [f"{p} {w}" for p in peers for w in ("fwd", "f+b")] + \
         ["peak MiB " + " / ".join(["ours", *peers])]
     lines = []
@@ -69,12 +70,52 @@ def attention_section(data: dict) -> str:
         ours = by["jagged"]
         line = [*key, ours.get("fwd_TFLOPs"), ours.get("fwd_bwd_TFLOPs")]
         for p in peers:
-            line += [ratio(by.get(p), ours, "fwd_ms"), ratio(by.get(p), ours, "fwd_bwd_ms")]
+            # aten's FA2 forward+backward runs without autograd: against our ops called alike.
+            ours_fb = dict(ours, fwd_bwd_ms=ours.get("fwd_bwd_direct_ms") or ours["fwd_bwd_ms"]) \
+                if p == "fa2_varlen" else ours
+            line += [ratio(by.get(p), ours, "fwd_ms"), ratio(by.get(p), ours_fb, "fwd_bwd_ms")]
         line.append(" / ".join(fmt(by.get(m, {}).get("peak_MiB")) for m in ["jagged", *peers]))
         lines.append(line)
     return ("## Jagged flash attention\n\n" + environment_line(data["environment"], "python benchmarks/bench_attention.py")
             + f" Peer columns: {RATIO}. Plots: [time](attention_time.png), [memory](attention_memory.png).\n\n"
             + markdown(header, lines))
+
+
+def fa2_section(data: dict) -> str:
+    """Times in microseconds against FlashAttention-2 varlen, three ways: eager calls, eager
+    calls without autograd (aten's FA2 has none; our two custom ops called directly), and
+    CUDA-graph replays (GPU time alone)."""
+    keys = ("B", "max_L", "H", "D", "lengths", "causal")
+    header = [*keys, "fwd us ours / FA2", "fwd x", "fwd graph us ours / FA2", "fwd graph x",
+              "f+b us ours direct / FA2 aten", "f+b x", "f+b us ours autograd / varlen_attn", "f+b autograd x",
+              "f+b graph us ours / FA2", "f+b graph x"]
+    lines = []
+
+    def us(row, field):
+        return None if not row or row.get(field) is None else 1000 * row[field]
+
+    def pair(a, b):
+        return f"{fmt(a)} / {fmt(b)}"
+
+    for key, by in grouped(data["rows"], keys):
+        ours, fa2, public = by["jagged"], by.get("fa2_varlen"), by.get("fa2_varlen_attn")
+        if not fa2 or ours.get("fwd_graph_ms") is None:
+            continue
+        direct = ours.get("fwd_bwd_direct_ms") or ours["fwd_bwd_ms"]
+        lines.append([*key, pair(us(ours, "fwd_ms"), us(fa2, "fwd_ms")), fa2["fwd_ms"] / ours["fwd_ms"],
+                      pair(us(ours, "fwd_graph_ms"), us(fa2, "fwd_graph_ms")), ratio(fa2, ours, "fwd_graph_ms"),
+                      pair(1000 * direct, us(fa2, "fwd_bwd_ms")), fa2["fwd_bwd_ms"] / direct,
+                      pair(us(ours, "fwd_bwd_ms"), us(public, "fwd_bwd_ms")), ratio(public, ours, "fwd_bwd_ms"),
+                      pair(us(ours, "fwd_bwd_graph_ms"), us(fa2, "fwd_bwd_graph_ms")),
+                      ratio(fa2, ours, "fwd_bwd_graph_ms")])
+    if not lines:
+        return ""
+    return ("### Against FlashAttention-2 varlen (issue 5)\n\n"
+            "Median microseconds, ours / FA2, and FA2 time / our time (x; above 1: we are faster). *Eager*: "
+            "do_bench of Python calls, host launch cost included. *Direct*: our two custom ops called without "
+            "autograd, as aten's FA2 forward and backward are. *Autograd*: ours through its public function "
+            "against `torch.nn.attention.varlen.varlen_attn` (FA2 with autograd; non-causal only). *Graph*: the "
+            "same calls captured in a CUDA graph and replayed: GPU time alone.\n\n" + markdown(header, lines))
 
 
 def throughput_section(title: str, data: dict, command: str) -> str:
@@ -158,6 +199,7 @@ def main(argv=None):
     attention = newest(results, "attention")
     if attention:
         sections.append(attention_section(attention))
+        sections += [s for s in [fa2_section(attention)] if s]
         plots += attention_plots(attention, out)
     for name, title, command in (("conversions", "Conversions", "python benchmarks/bench_conversions.py"),
                                  ("ops", "Feature-interaction ops", "python benchmarks/bench_ops.py")):

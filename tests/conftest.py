@@ -31,7 +31,8 @@ _real_empty_like = torch.empty_like
 
 def _poison(t):
     if t.is_floating_point() or t.is_complex():
-        t.fill_(float("nan"))
+        with torch.no_grad():  # (torch.empty(..., requires_grad=True) makes a leaf)
+            t.fill_(float("nan"))
     return t
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 import jagged
 from helpers import DEVICE, ON_GPU, assert_close
@@ -90,6 +90,21 @@ def test_opcheck(case):
     torch.manual_seed(case)
     name, args = _op_cases()[case]
     torch.library.opcheck(getattr(torch.ops.jagged, name).default, args)
+
+
+def test_eager_fast_path_matches_the_dispatched_op():
+    """Plain eager calls skip the dispatcher (ops/_library.py); results and gradients must be the
+    op's, bit for bit."""
+    torch.manual_seed(2)
+    offsets = _offsets(LENGTHS)
+    q, k, v = (_randn(sum(LENGTHS), 2, 16, grad=True) for _ in range(3))
+    grad = _randn(sum(LENGTHS), 2, 16)
+    results = []
+    for forward in (jagged.ops.attention._attention_forward, torch.ops.jagged.flash_attention_forward):
+        out = forward(q, k, v, offsets, offsets, True, 0.25, None)[0]
+        results.append([out, *torch.autograd.grad(out, (q, k, v), grad)])
+    for eager, dispatched in zip(*results):
+        assert torch.equal(eager, dispatched)
 
 
 class _TinyRecommender(torch.nn.Module):
@@ -188,6 +203,9 @@ def test_pytree_round_trip():
     back = tree_unflatten(leaves, spec)["history"]
     assert isinstance(back, jagged.JaggedTensor) and back.max_len == x.max_len
     assert back.values is x.values and back.offsets is x.offsets
+
+    # tree_map may put anything at the leaves (torch.utils.checkpoint maps them to devices).
+    assert tree_map(lambda leaf: None, x).values is None
 
     s = jagged.Jagged2Tensor.from_list([torch.randn(n, n, device=DEVICE) for n in (2, 0, 3)])
     leaves, spec = tree_flatten(s)

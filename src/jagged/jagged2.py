@@ -154,10 +154,10 @@ def _flatten_jagged2(s: Jagged2Tensor):
 
 
 def _unflatten_jagged2(children, context) -> Jagged2Tensor:
-    values, offsets, square_offsets = children
-    max_len, total_len = context
-    return Jagged2Tensor(values, offsets, square_offsets=square_offsets, max_len=max_len, total_len=total_len,
-                         validate=False)
+    # No checks, as for JaggedTensor: the leaves may be anything (tree_map).
+    s = Jagged2Tensor.__new__(Jagged2Tensor)
+    (s._values, s._offsets, s._square_offsets), (s._max_len, s._total_len) = children, context
+    return s
 
 
 # A pytree node like JaggedTensor (see tensor.py).

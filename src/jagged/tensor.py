@@ -267,8 +267,11 @@ def _flatten_jagged(jt: JaggedTensor):
 
 
 def _unflatten_jagged(children, max_len) -> JaggedTensor:
-    values, offsets = children
-    return JaggedTensor(values, offsets, max_len=max_len, validate=False)
+    # No checks: pytree utilities rebuild containers around arbitrary leaves (tree_map with a
+    # function returning None or device types, as torch.utils.checkpoint does).
+    jt = JaggedTensor.__new__(JaggedTensor)
+    (jt._values, jt._offsets), jt._max_len = children, max_len
+    return jt
 
 
 # A pytree node (children: values, offsets; context: max_len), so that pytree-based tools

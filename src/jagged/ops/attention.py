@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._library import jagged_op
 from ._rows import row_block, row_span
 from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_offsets, check_offsets_content, check_same_rows,
                      check_tensor, dot_precision, next_power_of_2, unit_last_stride, use_triton)
@@ -270,7 +271,7 @@ def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = No
     return dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=32, num_warps=4, num_stages=3, **dims)
 
 
-@torch.library.custom_op("jagged::flash_attention_forward", mutates_args=())
+@jagged_op("flash_attention_forward")
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
                        k_offsets: torch.Tensor, causal: bool, scale: float,
                        max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +300,7 @@ def _(q, k, v, q_offsets, k_offsets, causal, scale, max_len=None):
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
 
-@torch.library.custom_op("jagged::flash_attention_backward", mutates_args=())
+@jagged_op("flash_attention_backward")
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor, causal: bool,
                         scale: float, max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -447,7 +448,10 @@ def jagged_flash_attention(q, k, v, *, causal: bool = False, scale: float | None
             raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
     check_same_rows(v, k, "v", "k")
     # A JaggedTensor's offsets were checked when it was built (or the caller opted out).
-    known = (q.known_max_len, k.known_max_len)
+    max_len = q.known_max_len
+    if max_len is not None and k is not q:
+        # (A comparison rather than max(): under torch.compile these may be symbolic.)
+        max_len = None if k.known_max_len is None else k.known_max_len if k.known_max_len > max_len else max_len
     out = jagged_flash_attention_values(q.values, k.values, v.values, q.offsets, k.offsets, causal=causal, scale=scale,
-                                        validate=False, max_len=None if None in known else torch.sym_max(*known))
+                                        validate=False, max_len=max_len)
     return q.with_values(out)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._library import jagged_op
 from ._rows import row_block, row_span
 from ._utils import (TRITON_INTERPRETER, binary_search_steps, cdiv, check_jagged_matrix, check_same_rows, check_tensor,
                      dot_precision, use_triton)
@@ -104,7 +105,7 @@ def _jagged_bmm_tiles(m_dim: int, n_dim: int, element_size: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128 if n_dim > 64 else 64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
-@torch.library.custom_op("jagged::jagged_dense_bmm", mutates_args=())
+@jagged_op("jagged_dense_bmm")
 def _launch_jagged_dense_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [T, K] (rows by offsets), y [B, K, N] (any strides) -> [T, N]."""
     total, k_dim = x.shape
@@ -125,7 +126,7 @@ def _(x, y, offsets):
     return x.new_empty((x.shape[0], y.shape[2]))
 
 
-@torch.library.custom_op("jagged::jagged_jagged_bmm", mutates_args=())
+@jagged_op("jagged_jagged_bmm")
 def _launch_jagged_jagged_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [T, M], y [T, N] (same rows, any strides) -> [B, M, N]."""
     batch_size, m_dim, n_dim = offsets.numel() - 1, x.shape[1], y.shape[1]

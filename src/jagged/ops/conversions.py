@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._library import jagged_op
 from ._rows import find_row
 from ._utils import (
     binary_search_steps,
@@ -97,7 +98,7 @@ def _dense_to_jagged_kernel(
              x.to(values_ptr.dtype.element_ty), mask=out_mask)
 
 
-@torch.library.custom_op("jagged::jagged_to_padded_dense", mutates_args=())
+@jagged_op("jagged_to_padded_dense")
 def _launch_jagged_to_padded_dense(values2d: torch.Tensor, offsets: torch.Tensor, max_len: int,
                                    padding_value: float) -> torch.Tensor:
     """values [T, D] -> [B, max_len, D]."""
@@ -148,7 +149,7 @@ def gather_from_dense(dense3d, offsets, total_len, jagged2d=None, op=GATHER):
     return values
 
 
-@torch.library.custom_op("jagged::dense_to_jagged", mutates_args=())
+@jagged_op("dense_to_jagged")
 def _launch_dense_to_jagged(dense3d: torch.Tensor, offsets: torch.Tensor, total_len: int) -> torch.Tensor:
     """dense [B, L, D] -> values [T, D]."""
     return gather_from_dense(dense3d, offsets, total_len)

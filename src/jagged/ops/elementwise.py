@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ._library import jagged_op
 from ._utils import check_tensor, flatten_features, unflatten_features, use_triton
 from .conversions import GATHER_ADD, GATHER_MUL, _launch_jagged_to_padded_dense, gather_from_dense
 
 
-@torch.library.custom_op("jagged::jagged_dense_elementwise", mutates_args=())
+@jagged_op("jagged_dense_elementwise")
 def _jagged_dense_elementwise(x2d: torch.Tensor, dense3d: torch.Tensor, offsets: torch.Tensor, op: int) -> torch.Tensor:
     """x [T, D] (+|*) dense [B, L, D] at each row's positions -> [T, D]."""
     return gather_from_dense(dense3d, offsets, x2d.shape[0], x2d, op)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._library import jagged_op
 from ._rows import square_block_lines, square_tile_offsets
 from ._utils import (TRITON_INTERPRETER, binary_search_steps, cdiv, check_jagged2, check_jagged_matrix, check_same_rows,
                      dot_precision, unit_last_stride, use_triton)
@@ -86,7 +87,7 @@ def _tiles(inner_dim: int, n_dim: int = 64) -> dict:
                 num_stages=3)
 
 
-@torch.library.custom_op("jagged::jagged_jagged_bmm_jagged_out", mutates_args=())
+@jagged_op("jagged_jagged_bmm_jagged_out")
 def _launch_jagged_jagged_bmm_jagged_out(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor,
                                          square_offsets: torch.Tensor, total_square: int) -> torch.Tensor:
     """x, y ``[T, K]`` (same rows, any strides) -> ``[total_square]`` row-major x_b @ y_b^T blocks."""
@@ -101,7 +102,7 @@ def _launch_jagged_jagged_bmm_jagged_out(x: torch.Tensor, y: torch.Tensor, offse
     return out
 
 
-@torch.library.custom_op("jagged::jagged2_jagged_bmm", mutates_args=())
+@jagged_op("jagged2_jagged_bmm")
 def _launch_jagged2_jagged_bmm(p: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, square_offsets: torch.Tensor,
                                transpose_p: bool) -> torch.Tensor:
     """p ``[S]`` jagged2 blocks (read transposed if asked), v ``[T, N]`` -> ``[T, N]``."""

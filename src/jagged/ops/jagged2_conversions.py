@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._library import jagged_op
 from ._rows import find_row, row_span, square_tile_offsets
 from ._utils import (TRITON_INTERPRETER, binary_search_steps, cdiv, check_max_len, check_offsets,
                      check_offsets_content, check_tensor, unit_last_stride, use_triton)
@@ -55,7 +56,7 @@ def _dense_to_jagged2_kernel(
     tl.store(values_ptr + flat, x, mask=ok)
 
 
-@torch.library.custom_op("jagged::jagged2_to_padded_dense", mutates_args=())
+@jagged_op("jagged2_to_padded_dense")
 def _launch_jagged2_to_padded_dense(values: torch.Tensor, offsets: torch.Tensor, square_offsets: torch.Tensor,
                                     max_len: int, padding_value: float) -> torch.Tensor:
     """values [S] -> [B, max_len, max_len]."""
@@ -72,7 +73,7 @@ def _launch_jagged2_to_padded_dense(values: torch.Tensor, offsets: torch.Tensor,
     return dense
 
 
-@torch.library.custom_op("jagged::dense_to_jagged2", mutates_args=())
+@jagged_op("dense_to_jagged2")
 def _launch_dense_to_jagged2(dense: torch.Tensor, offsets: torch.Tensor, square_offsets: torch.Tensor,
                              total_square: int) -> torch.Tensor:
     """dense [B, N, M] -> values [S] (0 where a row's block is larger than the dense one)."""

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._library import jagged_op
 from ._online_softmax import online_softmax_step, softmax_weights
 from ._rows import square_block_lines, square_tile_offsets
 from ._utils import TRITON_INTERPRETER, binary_search_steps, check_jagged2, unit_last_stride, use_triton
@@ -87,7 +88,7 @@ def _launch(kernel, tensors, offsets, square_offsets, total_len, causal):
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
 
-@torch.library.custom_op("jagged::jagged2_softmax_forward", mutates_args=())
+@jagged_op("jagged2_softmax_forward")
 def _jagged2_softmax_forward(s: torch.Tensor, offsets: torch.Tensor, square_offsets: torch.Tensor, total_len: int,
                              causal: bool) -> torch.Tensor:
     """s [S] -> softmax along each line of every row's block, [S]."""
@@ -98,7 +99,7 @@ def _jagged2_softmax_forward(s: torch.Tensor, offsets: torch.Tensor, square_offs
     return y
 
 
-@torch.library.custom_op("jagged::jagged2_softmax_backward", mutates_args=())
+@jagged_op("jagged2_softmax_backward")
 def _jagged2_softmax_backward(y: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, square_offsets: torch.Tensor,
                               total_len: int, causal: bool) -> torch.Tensor:
     dy = unit_last_stride(dy)

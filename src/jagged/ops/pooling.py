@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._library import jagged_op
 from ._rows import load_row_chunk, row_span
 from ._utils import check_float_features, row_walk_launch, rows_as_matrix, unflatten_features, use_triton
 from .conversions import _launch_dense_to_jagged
@@ -38,7 +39,7 @@ def _jagged_pool_kernel(
     tl.store(out_ptr + row * stride_ob + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-@torch.library.custom_op("jagged::jagged_pool", mutates_args=())
+@jagged_op("jagged_pool")
 def _launch_pool(values2d: torch.Tensor, offsets: torch.Tensor, mean: bool) -> torch.Tensor:
     """values [T, D] -> per-row sum or mean [B, D]."""
     batch_size = offsets.numel() - 1

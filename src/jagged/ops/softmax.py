@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._library import jagged_op
 from ._online_softmax import online_softmax_step, softmax_weights
 from ._rows import load_row_chunk, row_span
 from ._utils import (check_float_features, row_walk_launch, rows_as_matrix, unflatten_features, unit_last_stride,
@@ -74,7 +75,7 @@ def _jagged_softmax_backward_kernel(
                  (y * (dy - dot[None, :])).to(dx_ptr.dtype.element_ty), mask=in_row[:, None] & col_ok[None, :])
 
 
-@torch.library.custom_op("jagged::jagged_softmax_forward", mutates_args=())
+@jagged_op("jagged_softmax_forward")
 def _softmax_forward(x2d: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [T, D] (any token stride, unit feature stride) -> y [T, D], softmax within each row."""
     y = torch.empty((x2d.shape[0], x2d.shape[1]), dtype=x2d.dtype, device=x2d.device)
@@ -84,7 +85,7 @@ def _softmax_forward(x2d: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@torch.library.custom_op("jagged::jagged_softmax_backward", mutates_args=())
+@jagged_op("jagged_softmax_backward")
 def _softmax_backward(y: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """dx = y * (dy - rowsum(y * dy)), per row and column."""
     dy = unit_last_stride(dy)
