@@ -40,9 +40,9 @@ def main():
         "forward launcher (2 empty + 1 launch)": lambda: attention._attention_forward(q, k, v, offsets, offsets, False, scale),
         "public forward, no grad": lambda: jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, validate=False),
         "public forward, with grad": lambda: jagged.jagged_flash_attention_values(qg, kg, vg, offsets, offsets, validate=False),
-        "forward custom op, implementation called directly": lambda: attention._attention_forward._init_fn(
+        "forward custom op, implementation called directly": lambda: attention._attention_forward.impl(
             q, k, v, offsets, offsets, False, scale, longest),
-        "backward custom op, implementation called directly": lambda: attention._attention_backward._init_fn(
+        "backward custom op, implementation called directly": lambda: attention._attention_backward.impl(
             do, q, k, v, out, lse, offsets, offsets, False, scale, longest),
         "backward launcher (4 empty + 2 launches)": lambda: attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale),
         "forward+backward via autograd": lambda: torch.autograd.grad(
