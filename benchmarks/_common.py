@@ -66,14 +66,21 @@ def padded_to_jagged(dense, offsets, total_len=None):
     return dense[length_mask(offsets, dense.shape[1])]
 
 
-def op_cases(quick, gpu_cases, cpu_cases):
+def op_cases(quick, gpu_cases, cpu_cases, shapes=None, dtypes=None, lengths=None):
     """(values, offsets, total_len, case dict) over shapes x dtypes (bf16 and fp32 on the GPU) x
-    length distributions, for the memory- and matmul-bound op benchmarks."""
-    cases = cpu_cases if not ON_GPU else gpu_cases[:1] if quick else gpu_cases
-    dtypes = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
+    length distributions, for the memory- and matmul-bound op benchmarks. ``shapes`` ((B, max_L,
+    D) tuples), ``dtypes`` and ``lengths`` replace the defaults when given (the CLI's --shape,
+    --dtype, --lengths). Prints progress."""
+    cases = shapes or (cpu_cases if not ON_GPU else gpu_cases[:1] if quick else gpu_cases)
+    dtypes = dtypes or ([torch.bfloat16, torch.float32] if ON_GPU else [torch.float32])
+    distributions = lengths or ("unif", "skew")
+    total, done = len(cases) * len(dtypes) * len(distributions), 0
     for batch_size, max_len, feature_dim in cases:
         for dtype in dtypes:
-            for distribution in ("unif", "skew"):
+            for distribution in distributions:
+                done += 1
+                print(f"  [{done}/{total}] B={batch_size} max_L={max_len} D={feature_dim} {dtype} {distribution}",
+                      flush=True)
                 values, offsets, total_len, _ = jagged_inputs(batch_size, max_len, feature_dim, dtype, distribution)
                 yield values, offsets, total_len, {
                     "B": batch_size, "max_L": max_len, "D": feature_dim, "dtype": str(dtype).replace("torch.", ""),
@@ -175,14 +182,40 @@ def save(rows: list[dict], name: str, out_dir: str | os.PathLike) -> Path:
     return out / f"{name}.json"
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def add_selection_arguments(parser) -> None:
+    """--shape, --dtype, --lengths, --op: what to measure instead of the default sweep."""
+    parser.add_argument("--shape", action="append", metavar="B,L,D[,H]",
+                        help="batch, max_L, feature / head dim (attention: and heads, default 4); repeatable")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable")
+    parser.add_argument("--lengths", action="append", choices=["unif", "skew"], help="repeatable")
+    parser.add_argument("--op", action="append", help="only these ops (ops / conversions benchmarks); repeatable")
+
+
+def selection(args: dict) -> dict:
+    """The run() keyword arguments for the parsed selection options (None: the default)."""
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.pop("shape") or []]
+    for shape in shapes:
+        if len(shape) not in (3, 4) or min(shape) < 1:
+            raise SystemExit(f"--shape wants B,L,D or B,L,D,H of positive ints, got {shape}")
+    dtypes = [DTYPES[d] for d in args.pop("dtype") or []]
+    return {"shapes": shapes or None, "dtypes": dtypes or None, "lengths": args.pop("lengths") or None,
+            "ops": args.pop("op") or None}
+
+
 def bench_main(doc: str, label: str, run, summarise, argv=None, extra_flags=()) -> None:
-    """The command line every op benchmark shares: --quick, --out (and extra boolean flags,
-    passed to run() by name); prints the device, runs, prints the summary table."""
+    """The command line every op benchmark shares: --quick, --out, the selection options (and
+    extra boolean flags, passed to run() by name); prints the device, runs, prints the summary
+    table."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--out", default="results", help="folder for JSON results (and plots)")
+    add_selection_arguments(parser)
     for flag, help_text in extra_flags:
         parser.add_argument(flag, action="store_true", help=help_text)
     args = vars(parser.parse_args(argv))
+    args.update(selection(args))
     print(f"jagged {label} on {DEVICE.type.upper()}" + ("" if ON_GPU else " (no GPU: toy sizes, reference path)"))
     summarise(run(**{k.replace("-", "_"): v for k, v in args.items()}))

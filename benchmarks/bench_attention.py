@@ -23,6 +23,7 @@ TFLOP/s count real tokens only: 4 * sum(L_i^2) * H * D forward (half with causal
 forward + backward. Peak memory is for forward + backward, above the inputs.
 
     python benchmarks/bench_attention.py [--quick] [--no-flex] [--out results]
+        [--shape B,L,D[,H] ...] [--lengths unif|skew] [--dtype bfloat16|float16|float32] [--causal]
 """
 
 from __future__ import annotations
@@ -189,13 +190,21 @@ def measure(name, fn, q, k, v):
     return result
 
 
-def run(quick=False, no_flex=False, out="results"):
+def run(quick=False, no_flex=False, causal=False, out="results", shapes=None, dtypes=None, lengths=None, ops=None):
+    """``shapes`` (B, max_L, D[, H]) with ``lengths`` and ``causal`` replace the default cases;
+    the first of ``dtypes`` replaces bf16 (fp32 on the CPU); ``ops`` does not apply here."""
     use_flex = not no_flex
     cases = CPU_CASES if not ON_GPU else QUICK_CASES if quick else GPU_CASES
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    if shapes:
+        cases = [(s[0], s[1], s[3] if len(s) > 3 else 4, s[2], dist, causal)
+                 for s in shapes for dist in lengths or ("unif", "skew")]
+    elif lengths:
+        cases = [c for c in cases if c[4] in lengths]
+    dtype = dtypes[0] if dtypes else torch.bfloat16 if ON_GPU else torch.float32
     rows = []
     try:  # an interrupted sweep (Ctrl-C, timeout -s INT) still saves what it measured
-        for batch_size, max_len, heads, head_dim, distribution, causal in cases:
+        for number, (batch_size, max_len, heads, head_dim, distribution, causal) in enumerate(cases, 1):
+            print(f"[{number}/{len(cases)}]", flush=True)
             qkv, offsets, total_len, longest = jagged_inputs(batch_size, max_len, (3, heads, head_dim), dtype, distribution)
             q, k, v = (x.contiguous() for x in qkv.unbind(1))
             sum_sq = float((offsets.diff().double() ** 2).sum())
@@ -277,7 +286,8 @@ def plot(rows, out_dir):
 
 def main(argv=None):
     bench_main(__doc__, "attention", run, summarise, argv,
-               extra_flags=[("--no-flex", "skip FlexAttention (its compile takes a while)")])
+               extra_flags=[("--no-flex", "skip FlexAttention (its compile takes a while)"),
+                            ("--causal", "causal masking for the --shape cases")])
 
 
 if __name__ == "__main__":

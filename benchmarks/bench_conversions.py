@@ -64,9 +64,15 @@ def measure(fn, inputs, bytes_moved):
     }
 
 
-def run(quick: bool = False, out: str = "results") -> list[dict]:
+OPS = ("to_padded", "to_jagged")
+
+
+def run(quick: bool = False, out: str = "results", shapes=None, dtypes=None, lengths=None, ops=None) -> list[dict]:
+    if set(ops or ()) - set(OPS):
+        raise SystemExit(f"--op must be among {', '.join(OPS)} here, got {ops}")
     rows = []
-    for values, offsets, total_len, case in op_cases(quick, GPU_CASES, CPU_CASES):
+    shapes = [s[:3] for s in shapes] if shapes else None
+    for values, offsets, total_len, case in op_cases(quick, GPU_CASES, CPU_CASES, shapes, dtypes, lengths):
         batch_size, max_len, feature_dim = case["B"], case["max_L"], case["D"]
         dense = aten_to_dense(values, offsets, max_len)
         element = values.element_size()
@@ -74,6 +80,8 @@ def run(quick: bool = False, out: str = "results") -> list[dict]:
             ("to_padded", TO_DENSE, (values, offsets, max_len), (total_len + batch_size * max_len) * feature_dim * element),
             ("to_jagged", TO_JAGGED, (dense, offsets, total_len), 2 * total_len * feature_dim * element),
         ):
+            if ops and op not in ops:
+                continue
             for method, fn in methods.items():
                 rows.append({"op": op, **case, "method": method, **measure(fn, inputs, nbytes)})
     save(rows, "conversions", out)

@@ -86,15 +86,19 @@ def methods(op, offsets, max_len, dense_operand, dense_rows):
             "padded": lambda v: padded_pool(v, offsets, max_len, mean)}
 
 
-def run(quick=False, out="results"):
+def run(quick=False, out="results", shapes=None, dtypes=None, lengths=None, ops=None):
+    unknown = set(ops or ()) - set(OPS)
+    if unknown:
+        raise SystemExit(f"--op must be among {', '.join(OPS)}; got {', '.join(sorted(unknown))}")
     rows = []
-    for values, offsets, total_len, case in op_cases(quick, GPU_CASES, CPU_CASES):
+    shapes = [s[:3] for s in shapes] if shapes else None
+    for values, offsets, total_len, case in op_cases(quick, GPU_CASES, CPU_CASES, shapes, dtypes, lengths):
         batch_size, max_len, feature_dim = case["B"], case["max_L"], case["D"]
         e = values.element_size()
         dense_operand = torch.randn(batch_size, feature_dim, feature_dim, device=DEVICE).to(values.dtype)
         dense_rows = torch.randn(batch_size, max_len, feature_dim, device=DEVICE).to(values.dtype)
         lengths = offsets.diff()
-        for op in OPS:
+        for op in ops or OPS:
             nbytes = {"softmax": 2 * total_len, "elementwise_add": 3 * total_len,
                       "elementwise_mul": 3 * total_len}.get(op, total_len + batch_size) * feature_dim * e
             flops = 2 * total_len * feature_dim * feature_dim
