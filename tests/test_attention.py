@@ -159,6 +159,31 @@ def test_bad_input(change, error, match):
         jagged.jagged_flash_attention_values(args["q"], args["k"], args["v"], args["q_offsets"], args["k_offsets"])
 
 
+@pytest.mark.parametrize("max_len", [None, 4, 600, 10_000])
+def test_max_len_picks_tiles_not_results(max_len):
+    """max_len only chooses the tiles (short-row ones up to 512 on the GPU), even when it is
+    wrong: every choice must match the reference, forward and backward."""
+    lengths = [3, 0, 700, 40] if ON_GPU else [3, 0, 21, 9]
+    offsets = make_offsets(lengths)
+    q, k, v = (random_values((sum(lengths), 2, 64), torch.float32, requires_grad=True) for _ in range(3))
+    out = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=True, max_len=max_len,
+                                               validate=False)
+    ref = reference.jagged_attention(*(x.double() for x in (q, k, v)), offsets, offsets, causal=True)
+    assert_close(out, ref, tol=tolerance(torch.float32))
+    grad = torch.randn_like(out)
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert_close(got, expected, tol=tolerance(torch.float32), name="gradient")
+
+
+def test_bad_max_len():
+    x = random_values((9, 2, 16), torch.float32)
+    offsets = make_offsets([4, 5])
+    with pytest.raises(ValueError, match="max_len must be >= 0"):
+        jagged.jagged_flash_attention_values(x, x, x, offsets, offsets, max_len=-1)
+    with pytest.raises(TypeError, match="max_len must be an int"):
+        jagged.jagged_flash_attention_values(x, x, x, offsets, offsets, max_len=2.5)
+
+
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 def test_multihead_attention_module(cross):
     torch.manual_seed(0)

@@ -1,2 +1,2 @@
-"""Triton kernels, one op per module; each module holds its kernels, launcher, autograd.Function
-and public function."""
+"""Triton kernels, one op per module; each module holds its kernels, its launchers (registered as
+``jagged::`` custom ops with their autograd formulas, see ``_library.py``) and public functions."""

@@ -34,7 +34,7 @@ class JaggedOp:
     def __init__(self, name: str, impl):
         self.impl = impl
         self.op = torch.library.custom_op(f"jagged::{name}", mutates_args=())(impl)
-        self._parameters = inspect.signature(impl).parameters
+        self._signature = inspect.signature(impl)
         self._function = None
         functools.update_wrapper(self, impl)
 
@@ -55,19 +55,16 @@ class JaggedOp:
                               dict(forward=staticmethod(forward), backward=staticmethod(backward)))
 
     def __call__(self, *args):
-        if len(args) < len(self._parameters):  # fill defaults: the autograd paths take every input
-            args = tuple(self._bind(args).arguments.values())
+        if len(args) < len(self._signature.parameters):  # fill defaults: the autograd paths take every input
+            bound = self._signature.bind(*args)
+            bound.apply_defaults()
+            args = tuple(bound.arguments.values())
         if not _plain_eager(args):
             return self.op(*args)
         if self._function is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self._function.apply(*args)
         return self.impl(*args)
-
-    def _bind(self, args):
-        bound = inspect.signature(self.impl).bind(*args)
-        bound.apply_defaults()
-        return bound
 
 
 def jagged_op(name: str):

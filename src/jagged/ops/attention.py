@@ -24,7 +24,7 @@ import triton.language as tl
 from .. import reference
 from ._library import jagged_op
 from ._rows import row_block, row_span
-from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_offsets, check_offsets_content, check_same_rows,
+from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_max_len, check_offsets, check_offsets_content, check_same_rows,
                      check_tensor, dot_precision, next_power_of_2, unit_last_stride, use_triton)
 
 LOG2_E = 1.4426950408889634
@@ -396,6 +396,8 @@ def jagged_flash_attention_values(
         ``[T_q, H, D_v]``, differentiable w.r.t. q, k and v.
     """
     _check_attention_inputs(q, k, v, q_offsets, k_offsets)
+    if max_len is not None:
+        max_len = check_max_len(max_len)
     if validate:
         longest = check_offsets_content(q_offsets, q.shape[0], name="q_offsets")
         if k_offsets is not q_offsets or k.shape[0] != q.shape[0]:
@@ -448,10 +450,10 @@ def jagged_flash_attention(q, k, v, *, causal: bool = False, scale: float | None
             raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
     check_same_rows(v, k, "v", "k")
     # A JaggedTensor's offsets were checked when it was built (or the caller opted out).
-    max_len = q.known_max_len
-    if max_len is not None and k is not q:
-        # (A comparison rather than max(): under torch.compile these may be symbolic.)
-        max_len = None if k.known_max_len is None else k.known_max_len if k.known_max_len > max_len else max_len
+    q_max, k_max = q.known_max_len, k.known_max_len
+    # The longer of the two, if both are known (a comparison, not max(): under torch.compile they
+    # may be symbolic).
+    max_len = None if q_max is None or k_max is None else k_max if k_max > q_max else q_max
     out = jagged_flash_attention_values(q.values, k.values, v.values, q.offsets, k.offsets, causal=causal, scale=scale,
                                         validate=False, max_len=max_len)
     return q.with_values(out)
