@@ -20,13 +20,15 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 def random_lengths(batch_size: int, max_len: int, distribution: str, generator: torch.Generator) -> torch.Tensor:
     """Row lengths in [1, max_len]: "unif" (uniform, ~50% fill) or "skew" (exponential with
-    mean max_len/5, ~20% fill), as in the shared peer baselines."""
+    mean max_len/5, ~20% fill), as in the shared peer baselines; "sparse" (exponential with mean
+    max_len/20, ~5% fill: 95% of a padded batch would be padding)."""
     if distribution == "unif":
         lengths = torch.randint(1, max_len + 1, (batch_size,), generator=generator)
-    elif distribution == "skew":
-        lengths = torch.empty(batch_size).exponential_(5.0 / max_len, generator=generator).long() + 1
+    elif distribution in ("skew", "sparse"):
+        mean = max_len / (5.0 if distribution == "skew" else 20.0)
+        lengths = torch.empty(batch_size).exponential_(1.0 / mean, generator=generator).long() + 1
     else:
-        raise ValueError(f"distribution must be 'unif' or 'skew', got {distribution!r}")
+        raise ValueError(f"distribution must be 'unif', 'skew' or 'sparse', got {distribution!r}")
     return lengths.clamp_(1, max_len)
 
 
@@ -190,7 +192,7 @@ def add_selection_arguments(parser) -> None:
     parser.add_argument("--shape", action="append", metavar="B,L,D[,H]",
                         help="batch, max_L, feature / head dim (attention: and heads, default 4); repeatable")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable")
-    parser.add_argument("--lengths", action="append", choices=["unif", "skew"], help="repeatable")
+    parser.add_argument("--lengths", action="append", choices=["unif", "skew", "sparse"], help="repeatable")
     parser.add_argument("--op", action="append", help="only these ops (ops / conversions benchmarks); repeatable")
 
 

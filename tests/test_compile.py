@@ -41,6 +41,8 @@ def _op_cases():
     heads, dim = 2, 16
     q, k, v = (_randn(total, heads, dim, grad=True) for _ in range(3))
     out, lse = torch.ops.jagged.flash_attention_forward(q, k, v, offsets, offsets, True, 0.25, longest)
+    bias = _randn(heads, 7, grad=True)
+    num_targets = torch.tensor([n // 3 for n in lengths], device=DEVICE)
     y = torch.softmax(_randn(total, 8), 0)
     p = _randn(total_square)
     return [
@@ -48,6 +50,12 @@ def _op_cases():
         ("flash_attention_forward", (q, k, v, offsets, offsets, True, 0.25, longest)),
         ("flash_attention_backward", (_randn(total, heads, dim), q.detach(), k.detach(), v.detach(), out.detach(),
                                       lse.detach(), offsets, offsets, True, 0.25, longest)),
+        # jagged_attention's features: SiLU, bias (a differentiable input), targets, contextual, window, dropout.
+        ("flash_attention_forward", (q, k, v, offsets, offsets, True, 0.25, longest, 1, None, bias,
+                                     num_targets, 1, 5, 0.2, 99, True)),
+        ("flash_attention_backward", (_randn(total, heads, dim), q.detach(), k.detach(), v.detach(), out.detach(),
+                                      lse[:, :0].detach(), offsets, offsets, False, 0.25, longest, 2, 3.0,
+                                      bias.detach(), num_targets, 0, None, 0.0, 0, True, True)),
         ("jagged_dense_bmm", (_randn(total, 16, grad=True), _randn(batch, 16, 24, grad=True), offsets)),
         ("jagged_jagged_bmm", (_randn(total, 16, grad=True), _randn(total, 24, grad=True), offsets)),
         ("jagged_to_padded_dense", (_randn(total, 8, grad=True), offsets, longest, -1.0)),

@@ -5,7 +5,9 @@ Public API:
 - :class:`JaggedTensor` and :func:`lengths_to_offsets`
 - conversions: :func:`jagged_to_padded_dense`, :func:`dense_to_jagged`
 - attention: :func:`jagged_flash_attention`, :func:`jagged_flash_attention_values`,
-  :class:`jagged.nn.JaggedMultiheadAttention`
+  :class:`jagged.nn.JaggedMultiheadAttention`; generalized (pointwise SiLU/GELU, relative bias,
+  HSTU target/contextual/window masks, dropout): :func:`jagged_attention`,
+  :func:`attention_dropout_mask`
 - jagged (+|*) dense: :func:`jagged_dense_elementwise_add`, :func:`jagged_dense_elementwise_mul`
 - batched matmuls: :func:`jagged_dense_bmm`, :func:`jagged_jagged_bmm`
 - pooling and softmax over rows: :func:`jagged_sum`, :func:`jagged_mean`, :func:`jagged_softmax`
@@ -16,7 +18,8 @@ Public API:
 """
 
 from . import nn, reference
-from .ops.attention import jagged_flash_attention, jagged_flash_attention_values
+from .ops.attention import (attention_dropout_mask, jagged_attention, jagged_flash_attention,
+                            jagged_flash_attention_values)
 from .ops.bmm import jagged_dense_bmm, jagged_jagged_bmm
 from .ops.conversions import dense_to_jagged, jagged_to_padded_dense
 from .jagged2 import Jagged2Tensor
@@ -33,8 +36,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Jagged2Tensor",
     "JaggedTensor",
+    "attention_dropout_mask",
     "dense_to_jagged",
     "dense_to_jagged2",
+    "jagged_attention",
     "jagged_dense_bmm",
     "jagged_dense_elementwise_add",
     "jagged_dense_elementwise_mul",

@@ -46,6 +46,41 @@ def dense_to_jagged(dense: torch.Tensor, offsets: torch.Tensor, total_len: int |
     return values.index_put((inside.nonzero()[:, 0],), dense[rows[inside], positions[inside]])
 
 
+def attention_mask(q_offsets: torch.Tensor, k_offsets: torch.Tensor, max_q: int, max_k: int, *, causal: bool = False,
+                   num_targets: torch.Tensor | None = None, contextual_len: int = 0,
+                   window: int | None = None) -> torch.Tensor:
+    """``[B, max_q, max_k]`` bool: which (query i, key j) pairs of each row attend (the rules of
+    :func:`jagged.jagged_attention`). Queries sit at key positions ``p = i + L_k - L_q``.
+
+    Plain: every in-row pair; causal: ``j <= p``. With ``num_targets``, ``contextual_len`` or
+    ``window`` (HSTU's masks): ids ``id(x) = min(max(x - c + 1, 0), L_k - c + 1 - t)`` (the
+    contextual prefix shares one id, so do the targets); the pair attends if ``j == p``, or
+    ``0 < id(p) - id(j) <= window`` (causal; ``0 < |id(p) - id(j)| <= window`` otherwise), or
+    ``p`` is contextual (``0 <= p < c``) and ``j`` is not a target (``j < L_k - t``).
+    """
+    q_len = q_offsets.diff().long()[:, None, None]
+    k_len = k_offsets.diff().long()[:, None, None]
+    i = torch.arange(max_q, device=q_offsets.device)[None, :, None]
+    j = torch.arange(max_k, device=q_offsets.device)[None, None, :]
+    pos = i + (k_len - q_len)
+    inside = (j < k_len) & (i < q_len)
+    if num_targets is None and contextual_len == 0 and window is None:
+        return inside & (j <= pos) if causal else inside
+    targets = torch.zeros_like(k_len) if num_targets is None else num_targets.long()[:, None, None]
+    targets = torch.minimum(targets.clamp(min=0), k_len)
+    max_id = k_len - contextual_len + 1 - targets
+
+    def ids(x):
+        return torch.minimum((x - contextual_len + 1).clamp(min=0), max_id)
+
+    dist = ids(pos) - ids(j)
+    window = 2 ** 30 if window is None else window
+    seen = (dist > 0) & (dist <= window) if causal else (dist != 0) & (dist.abs() <= window)
+    contextual_query = (pos >= 0) & (pos < contextual_len)
+    seen = seen | (pos == j) | (contextual_query & (j < k_len - targets))
+    return inside & seen
+
+
 def jagged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -56,11 +91,23 @@ def jagged_attention(
     causal: bool = False,
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    activation: str = "softmax",
+    norm: float | None = None,
+    bias: torch.Tensor | None = None,
+    num_targets: torch.Tensor | None = None,
+    contextual_len: int = 0,
+    window: int | None = None,
+    dropout_p: float = 0.0,
+    dropout_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Padded, masked softmax attention per row: q ``[T_q, H, D]``, k ``[T_k, H, D]``, v
-    ``[T_k, H, D_v]`` -> ``[T_q, H, D_v]`` in q's dtype, computed in ``compute_dtype``.
+    """Padded, masked attention per row: q ``[T_q, H, D]``, k ``[T_k, H, D]``, v ``[T_k, H, D_v]``
+    -> ``[T_q, H, D_v]`` in q's dtype, computed in ``compute_dtype``. The arguments are those of
+    :func:`jagged.jagged_attention`; the mask is :func:`attention_mask`.
 
-    Causal: query i sees key j iff ``j <= i + (L_k - L_q)``. A query that sees no key gets 0.
+    Scores ``scale * q k^T + bias[h, clamp(j - p, -R, R) + R]``. Softmax: a query with no visible
+    key gets 0. Pointwise (``"silu"``, ``"gelu"``): ``act(scores) / norm`` where visible, ``norm``
+    defaulting to the row's key count. Dropout: ``dropout_keep`` ``[B, H, max L_q, max L_k]``
+    (bool) says which weights survive; kept ones are scaled by ``1 / (1 - dropout_p)``.
     This is also the "dense attention" a user would write on padded inputs.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -69,19 +116,29 @@ def jagged_attention(
     qd = jagged_to_padded_dense(q.to(compute_dtype), q_offsets, max_q).transpose(1, 2)  # [B, H, Lq, D]
     kd = jagged_to_padded_dense(k.to(compute_dtype), k_offsets, max_k).transpose(1, 2)
     vd = jagged_to_padded_dense(v.to(compute_dtype), k_offsets, max_k).transpose(1, 2)
-    q_len = q_offsets.diff().long()[:, None, None]
-    k_len = k_offsets.diff().long()[:, None, None]
-    i = torch.arange(max_q, device=q.device)[None, :, None]
-    j = torch.arange(max_k, device=q.device)[None, None, :]
-    visible = (j < k_len) & (i < q_len)  # [B, Lq, Lk]
-    if causal:
-        visible = visible & (j <= i + (k_len - q_len))
+    visible = attention_mask(q_offsets, k_offsets, max_q, max_k, causal=causal, num_targets=num_targets,
+                             contextual_len=contextual_len, window=window)  # [B, Lq, Lk]
     scores = (qd @ kd.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    # A query with no visible key: softmax of all -inf is NaN; such queries output 0. (NaN from
-    # NaN inputs stays NaN, as in torch's own attention.)
-    probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
-    out = (probs @ vd).transpose(1, 2)  # [B, Lq, H, Dv]
+    if bias is not None:
+        radius = (bias.shape[1] - 1) // 2
+        q_len = q_offsets.diff().long()[:, None, None]
+        k_len = k_offsets.diff().long()[:, None, None]
+        rel = (torch.arange(max_k, device=q.device)[None, None, :]
+               - torch.arange(max_q, device=q.device)[None, :, None] - (k_len - q_len))
+        buckets = rel.clamp(-radius, radius) + radius  # [B, Lq, Lk]
+        scores = scores + bias.to(compute_dtype)[:, buckets].permute(1, 0, 2, 3)
+    if activation == "softmax":
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        # A query with no visible key: softmax of all -inf is NaN; such queries output 0. (NaN from
+        # NaN inputs stays NaN, as in torch's own attention.)
+        weights = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
+    else:
+        act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[activation]
+        denominator = k_offsets.diff().to(compute_dtype).clamp(min=1)[:, None, None, None] if norm is None else norm
+        weights = act(scores).masked_fill(~visible[:, None], 0.0) / denominator
+    if dropout_keep is not None:
+        weights = weights * dropout_keep.to(compute_dtype) / (1.0 - dropout_p)
+    out = (weights @ vd).transpose(1, 2)  # [B, Lq, H, Dv]
     return dense_to_jagged(out, q_offsets, q.shape[0]).to(q.dtype)
 
 

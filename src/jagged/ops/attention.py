@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._attention_scores import (accumulate_bias_grad, dropout_keep, finish_bias_grad, key_range, pointwise_activation,
+                                pointwise_activation_grad, query_range, relative_bias, visible)
 from ._library import jagged_op
 from ._rows import row_block, row_span
 from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_max_len, check_offsets, check_offsets_content, check_same_rows,
@@ -44,64 +46,121 @@ def _load_tile(ptr, tokens, token_ok, head, cols, n_cols, stride_t, stride_h, TR
 
 
 @triton.jit
-def _visible(offs_m, offs_n, q_len, k_len, CAUSAL: tl.constexpr):
-    """[M, N] mask of the (query, key) pairs that attend: both inside their rows, and causal."""
-    ok = (offs_m < q_len)[:, None] & (offs_n < k_len)[None, :]
-    if CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (k_len - q_len))
-    return ok
+def _row_targets(targets_ptr, row, k_len, HAS_TARGETS: tl.constexpr):
+    """The row's number of targets, clamped to [0, L_k] (0 without targets)."""
+    if HAS_TARGETS:
+        return tl.minimum(tl.maximum(tl.load(targets_ptr + row).to(tl.int64), 0), k_len)
+    return k_len * 0
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_steps"])
+@triton.jit
+def _row_inverse_norm(k_len, norm, ACTIVATION: tl.constexpr, NORM_BY_LENGTH: tl.constexpr):
+    """1 / the pointwise activations' normaliser: the row's key count or a constant (1 for softmax,
+    which normalises itself)."""
+    if ACTIVATION == 0:
+        return 1.0
+    if NORM_BY_LENGTH:
+        return 1.0 / tl.maximum(k_len, 1).to(tl.float32)
+    return 1.0 / norm
+
+
+@triton.jit
+def _score_tile(qk, qi, kj, q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window,
+                qk_scale, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ACTIVATION: tl.constexpr):
+    """Scores (base 2 for softmax: qk_scale holds log2 e) and the visibility mask of a tile of raw
+    q.k products, queries ``qi`` x keys ``kj`` (row indices, broadcastable 2-D)."""
+    s = qk * qk_scale
+    if HAS_BIAS:
+        bias = relative_bias(bias_ptr, head, stride_bh, kj - (qi + (k_len - q_len)), max_distance)
+        if ACTIVATION == 0:
+            bias = bias * 1.4426950408889634  # log2(e): the softmax runs in base 2
+        s = s + bias
+    return s, visible(qi, kj, q_len, k_len, n_targets, contextual_len, window, CAUSAL, HSTU_MASK)
+
+
+@triton.jit
+def _attention_weights(s, ok, lse, ACTIVATION: tl.constexpr):
+    """Recomputed weights of a score tile: probabilities from the saved log-sum-exp (broadcast
+    to s) for softmax, the activation for the pointwise kinds; 0 where masked."""
+    if ACTIVATION == 0:
+        return tl.where(ok, tl.math.exp2(s - lse), 0.0)
+    return tl.where(ok, pointwise_activation(s, ACTIVATION), 0.0)
+
+
+@triton.jit
+def _score_grad(w, s, ok, dp, delta, ACTIVATION: tl.constexpr):
+    """dL/d(score) (natural units) from the weights, dL/d(weights) and, for softmax, delta."""
+    if ACTIVATION == 0:
+        return w * (dp - delta)
+    return tl.where(ok, dp * pointwise_activation_grad(s, ACTIVATION), 0.0)
+
+
+@triton.jit(do_not_specialize=["batch_size", "search_steps", "contextual_len", "window", "max_distance", "seed"])
 def _attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr,
-    batch_size, search_steps, qk_scale, head_dim, head_dim_v,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr,
+    batch_size, search_steps, qk_scale, norm, head_dim, head_dim_v,
+    contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    stride_vt, stride_vh, stride_ot, stride_oh, stride_lh, stride_bh,
+    CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     head = tl.program_id(1).to(tl.int64)
     row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
     if block * BLOCK_M >= q_len:
         return
     k_begin, k_len = row_span(k_offsets_ptr, row)
+    n_targets = _row_targets(targets_ptr, row, k_len, HAS_TARGETS)
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(q_ptr, q_begin + offs_m, offs_m < q_len, head, offs_d, head_dim, stride_qt, stride_qh, False)
+    tokens = q_begin + offs_m
+    q = _load_tile(q_ptr, tokens, offs_m < q_len, head, offs_d, head_dim, stride_qt, stride_qh, False)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    end_n = k_len
-    if CAUSAL:  # keys past the block's last query (+ the row shift) are hidden from all of it
-        end_n = tl.minimum(k_len, (block + 1) * BLOCK_M + (k_len - q_len))
-    for start_n in range(0, end_n, BLOCK_N):
+    start_n, end_n = key_range(block * BLOCK_M, tl.minimum(block * BLOCK_M + BLOCK_M, q_len) - 1, q_len, k_len,
+                               n_targets, contextual_len, window, CAUSAL, HSTU_MASK, BLOCK_N)
+    for start_n in range(start_n, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < k_len
         k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-        s = tl.where(_visible(offs_m, offs_n, q_len, k_len, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A query with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :], q_len, k_len,
+                            head, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window, qk_scale,
+                            CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION)
+        if ACTIVATION == 0:
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A query with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            w = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(w, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        else:
+            w = tl.where(ok, pointwise_activation(s, ACTIVATION), 0.0)
+        if DROPOUT:  # dropped after the softmax's sum: the kept weights are rescaled, not renormalised
+            keep = dropout_keep(seed, tokens[:, None], (k_begin + offs_n)[None, :], head, dropout_p)
+            w = tl.where(keep, w * (1.0 / (1.0 - dropout_p)), 0.0)
+        acc += tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tokens = q_begin + offs_m
+    if ACTIVATION == 0:
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        # +inf for a query that saw nothing: the backward's exp2(s - lse) is then exactly 0.
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+        tl.store(lse_ptr + head * stride_lh + tokens, lse, mask=offs_m < q_len)
+    else:
+        out = acc * _row_inverse_norm(k_len, norm, ACTIVATION, NORM_BY_LENGTH)
     o_mask = (offs_m < q_len)[:, None] & (offs_dv < head_dim_v)[None, :]
     tl.store(o_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_dv[None, :],
              out.to(o_ptr.dtype.element_ty), mask=o_mask)
-    # +inf for a query that saw nothing: the backward's exp2(s - lse) is then exactly 0.
-    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    tl.store(lse_ptr + head * stride_lh + tokens, lse, mask=offs_m < q_len)
 
 
 @triton.jit(do_not_specialize=["total_q"])
@@ -111,7 +170,8 @@ def _attention_backward_delta_kernel(
 ):
     # delta_i = rowsum(dO_i * O_i) in float32, the softmax backward's per-query correction: once
     # per query here, rather than once per (query, key block) inside the dK/dV loop (which cost
-    # 60% more backward time at L=4096; benchmarks/NOTES.md).
+    # 60% more backward time at L=4096; benchmarks/NOTES.md). With dropout it is still
+    # rowsum(P * dP): O already holds the dropped, rescaled weights.
     head = tl.program_id(1).to(tl.int64)
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < total_q
@@ -124,63 +184,85 @@ def _attention_backward_delta_kernel(
 @triton.jit
 def _backward_dkdv(
     slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
-    batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
+    bias_ptr, targets_ptr, batch_size, search_steps, qk_scale, scale, norm, head_dim, head_dim_v,
+    contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_dot, stride_doh, stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dK, dV of one block of one row's keys: stream over the row's queries."""
     row, k_begin, k_len, block = row_block(k_offsets_ptr, slot, batch_size, search_steps, BLOCK_N)
     if block * BLOCK_N < k_len:
         q_begin, q_len = row_span(q_offsets_ptr, row)
+        n_targets = _row_targets(targets_ptr, row, k_len, HAS_TARGETS)
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = offs_n < k_len
+        k_tokens = k_begin + offs_n
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        k = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, False)
-        v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
+        k = _load_tile(k_ptr, k_tokens, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, False)
+        v = _load_tile(v_ptr, k_tokens, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-        start = 0
-        if CAUSAL:  # queries before (first key - row shift) see none of these keys
-            start = tl.maximum(block * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
-        for start_m in range(start, q_len, BLOCK_M):
+        start_m, end_m = query_range(block * BLOCK_N, tl.minimum(block * BLOCK_N + BLOCK_N, k_len) - 1, q_len, k_len,
+                                     n_targets, contextual_len, window, CAUSAL, HSTU_MASK, HAS_TARGETS, BLOCK_M)
+        for start_m in range(start_m, end_m, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             query_ok = offs_m < q_len
             tokens = q_begin + offs_m
             q_t = _load_tile(q_ptr, tokens, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, True)
             do = _load_tile(do_ptr, tokens, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
-            lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
-            delta = tl.load(delta_ptr + head * stride_lh + tokens, mask=query_ok, other=0.0)
-            # Transposed scores [N, M]: recompute the probabilities from the saved log-sum-exp.
-            s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
-            p_t = tl.math.exp2(s_t - lse[None, :])
-            p_t = tl.where(tl.trans(_visible(offs_m, offs_n, q_len, k_len, CAUSAL)), p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            # Transposed tiles [N, M]: keys down, queries across.
+            s_t, ok_t = _score_tile(tl.dot(k, q_t, input_precision=PRECISION), offs_m[None, :], offs_n[:, None], q_len,
+                                    k_len, head, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window,
+                                    qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION)
+            lse = tl.zeros([BLOCK_M], dtype=tl.float32)
+            delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+            if ACTIVATION == 0:
+                lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
+                delta = tl.load(delta_ptr + head * stride_lh + tokens, mask=query_ok, other=0.0)
+            w_t = _attention_weights(s_t, ok_t, lse[None, :], ACTIVATION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
+            if DROPOUT:
+                keep = dropout_keep(seed, tokens[None, :], k_tokens[:, None], head, dropout_p)
+                dropout_scale = 1.0 / (1.0 - dropout_p)
+                dv += tl.dot(tl.where(keep, w_t * dropout_scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
+                dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+            else:
+                dv += tl.dot(w_t.to(do.dtype), do, input_precision=PRECISION)
+            ds_t = _score_grad(w_t, s_t, ok_t, dp_t, delta[None, :], ACTIVATION)
             dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
-        tokens = k_begin + offs_n
-        tl.store(dk_ptr + tokens[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
-                 (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_d < head_dim)[None, :])
-        tl.store(dv_ptr + tokens[:, None] * stride_dvt + head * stride_dvh + offs_dv[None, :],
-                 dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < head_dim_v)[None, :])
+        inv_norm = _row_inverse_norm(k_len, norm, ACTIVATION, NORM_BY_LENGTH)
+        tl.store(dk_ptr + k_tokens[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+                 (dk * (scale * inv_norm)).to(dk_ptr.dtype.element_ty),
+                 mask=key_ok[:, None] & (offs_d < head_dim)[None, :])
+        tl.store(dv_ptr + k_tokens[:, None] * stride_dvt + head * stride_dvh + offs_dv[None, :],
+                 (dv * inv_norm).to(dv_ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < head_dim_v)[None, :])
 
 
 @triton.jit
 def _backward_dq(
-    slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr,
-    batch_size, search_steps, qk_scale, scale, head_dim, head_dim_v,
+    slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr, q_offsets_ptr, k_offsets_ptr,
+    bias_ptr, targets_ptr, batch_size, search_steps, qk_scale, scale, norm, head_dim, head_dim_v,
+    contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
+    CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ of one block of one row's queries: stream over the row's keys."""
+    """dQ of one block of one row's queries: stream over the row's keys. With a bias gradient,
+    also the sums of dS along the tiles' diagonals (one per key-minus-query distance)."""
     row, q_begin, q_len, block = row_block(q_offsets_ptr, slot, batch_size, search_steps, BLOCK_M)
     if block * BLOCK_M < q_len:
         k_begin, k_len = row_span(k_offsets_ptr, row)
+        n_targets = _row_targets(targets_ptr, row, k_len, HAS_TARGETS)
+        inv_norm = _row_inverse_norm(k_len, norm, ACTIVATION, NORM_BY_LENGTH)
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         query_ok = offs_m < q_len
         tokens = q_begin + offs_m
@@ -188,52 +270,85 @@ def _backward_dq(
         offs_dv = tl.arange(0, BLOCK_DV)
         q = _load_tile(q_ptr, tokens, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, False)
         do = _load_tile(do_ptr, tokens, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
-        lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
-        delta = tl.load(delta_ptr + head * stride_lh + tokens, mask=query_ok, other=0.0)
+        lse = tl.zeros([BLOCK_M], dtype=tl.float32)
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if ACTIVATION == 0:
+            lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + head * stride_lh + tokens, mask=query_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        end_n = k_len
-        if CAUSAL:
-            end_n = tl.minimum(k_len, (block + 1) * BLOCK_M + (k_len - q_len))
-        for start_n in range(0, end_n, BLOCK_N):
+        # Bias gradient: this program's slice (deterministic: its own row of partial sums) and
+        # the sums for the distances clamped to -R and +R.
+        grad_row = dbias_ptr + head * stride_dbh
+        if DETERMINISTIC:
+            grad_row += slot * stride_dbs
+        clamped_low = tl.zeros([1], dtype=tl.float32)
+        clamped_high = tl.zeros([1], dtype=tl.float32)
+        start_n, end_n = key_range(block * BLOCK_M, tl.minimum(block * BLOCK_M + BLOCK_M, q_len) - 1, q_len, k_len,
+                                   n_targets, contextual_len, window, CAUSAL, HSTU_MASK, BLOCK_N)
+        for start_n in range(start_n, end_n, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key_ok = offs_n < k_len
             k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
             v_t = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, True)
-            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-            p = tl.where(_visible(offs_m, offs_n, q_len, k_len, CAUSAL), tl.math.exp2(s - lse[:, None]), 0.0)
+            s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :], q_len, k_len,
+                                head, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window, qk_scale,
+                                CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION)
+            w = _attention_weights(s, ok, lse[:, None], ACTIVATION)
             dp = tl.dot(do, v_t, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            if DROPOUT:
+                keep = dropout_keep(seed, tokens[:, None], (k_begin + offs_n)[None, :], head, dropout_p)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds = _score_grad(w, s, ok, dp, delta[:, None], ACTIVATION)
             dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+            if BIAS_GRAD:
+                first_rel = start_n - (block * BLOCK_M + k_len - q_len) - (BLOCK_M - 1)
+                clamped_low, clamped_high = accumulate_bias_grad(
+                    ds * inv_norm, first_rel, grad_row, max_distance, clamped_low, clamped_high, DETERMINISTIC,
+                    BLOCK_M, BLOCK_N, BLOCK_W)
+        if BIAS_GRAD:
+            finish_bias_grad(grad_row, max_distance, clamped_low, clamped_high, DETERMINISTIC)
         tl.store(dq_ptr + tokens[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-                 (dq * scale).to(dq_ptr.dtype.element_ty), mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
+                 (dq * (scale * inv_norm)).to(dq_ptr.dtype.element_ty),
+                 mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_steps", "num_kv_slots"])
+@triton.jit(do_not_specialize=["batch_size", "search_steps", "num_kv_slots", "contextual_len", "window",
+                               "max_distance", "seed"])
 def _attention_backward_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
-    batch_size, search_steps, num_kv_slots, qk_scale, scale, head_dim, head_dim_v,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr, q_offsets_ptr, k_offsets_ptr,
+    bias_ptr, targets_ptr, batch_size, search_steps, num_kv_slots, qk_scale, scale, norm, head_dim, head_dim_v,
+    contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    CAUSAL: tl.constexpr, KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
-    Q_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_dbs, stride_dbh,
+    CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
+    Q_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # One launch for dK, dV and dQ (launches dominate short rows): slots [0, num_kv_slots) own key
-    # blocks (dK, dV), the rest own query blocks (dQ). Each output element is written by exactly
-    # one program, with no atomics: the backward is deterministic.
+    # blocks (dK, dV), the rest own query blocks (dQ). Each dQ, dK, dV element is written by
+    # exactly one program, with no atomics; so is each bias partial sum when DETERMINISTIC.
     head = tl.program_id(1).to(tl.int64)
     slot = tl.program_id(0).to(tl.int64)
     if slot < num_kv_slots:
         _backward_dkdv(slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                       q_offsets_ptr, k_offsets_ptr, batch_size, search_steps, qk_scale, scale, head_dim,
-                       head_dim_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                       stride_dot, stride_doh, stride_lh, stride_dkt, stride_dkh,
-                       stride_dvt, stride_dvh, CAUSAL, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+                       q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, search_steps, qk_scale,
+                       scale, norm, head_dim, head_dim_v, contextual_len, window, max_distance, dropout_p, seed,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                       CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH,
+                       KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     else:
-        _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                     q_offsets_ptr, k_offsets_ptr, batch_size, search_steps, qk_scale, scale, head_dim,
-                     head_dim_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
-                     CAUSAL, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+        _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
+                     q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, search_steps, qk_scale,
+                     scale, norm, head_dim, head_dim_v, contextual_len, window, max_distance, dropout_p, seed,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
+                     CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH,
+                     BIAS_GRAD, DETERMINISTIC, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
 
 
 # Rows at most this long take the short-row tiles (when the caller knows max_len).
@@ -241,6 +356,13 @@ SHORT_ROWS = 512
 
 
 def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None) -> dict:
+    tiles = _block_sizes(kernel, head_dim, head_dim_v, max_len)
+    if kernel == "backward":  # the dQ tiles' diagonals, for the bias gradient
+        tiles["BLOCK_W"] = next_power_of_2(tiles["Q_BLOCK_M"] + tiles["Q_BLOCK_N"] - 1)
+    return tiles
+
+
+def _block_sizes(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None) -> dict:
     """Block sizes and warps per kernel ("forward" or "backward"), by head dim and, when the
     longest row is known, by length bucket. Under the interpreter, 16 x 16 tiles so that small
     test rows still span several blocks (the multi-block paths are what the tests must reach).
@@ -271,15 +393,45 @@ def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = No
     return dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=32, num_warps=4, num_stages=3, **dims)
 
 
+# Activation codes of the kernels' ACTIVATION constexpr.
+ACTIVATIONS = {"softmax": 0, "silu": 1, "gelu": 2}
+# window=None: a distance no row reaches.
+NO_WINDOW = 2 ** 30
+
+
+def _score_arguments(q: torch.Tensor, q_offsets: torch.Tensor, causal: bool, scale: float, activation: int,
+                     norm: Optional[float], bias: Optional[torch.Tensor], num_targets: Optional[torch.Tensor],
+                     contextual_len: int, window: Optional[int], dropout_p: float, seed: int) -> dict:
+    """The kernel arguments (shared by forward and backward) that say how scores are made, masked
+    and weighted. Absent tensors are replaced by a placeholder the kernels never read."""
+    softmax = activation == 0
+    return dict(
+        bias_ptr=q_offsets if bias is None else bias, targets_ptr=q_offsets if num_targets is None else num_targets,
+        qk_scale=scale * LOG2_E if softmax else scale, norm=1.0 if norm is None else float(norm),
+        contextual_len=contextual_len, window=NO_WINDOW if window is None else window,
+        max_distance=0 if bias is None else (bias.shape[1] - 1) // 2, dropout_p=dropout_p, seed=seed,
+        stride_bh=0 if bias is None else bias.stride(0),
+        CAUSAL=causal, ACTIVATION=activation,
+        HSTU_MASK=num_targets is not None or contextual_len > 0 or window is not None,
+        HAS_TARGETS=num_targets is not None, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0,
+        NORM_BY_LENGTH=norm is None, PRECISION=dot_precision(q.dtype),
+    )
+
+
 @jagged_op("flash_attention_forward")
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
-                       k_offsets: torch.Tensor, causal: bool, scale: float,
-                       max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output ``[T_q, H, D_v]`` and the per-query log-sum-exp ``[H, T_q]`` (float32, base 2)."""
+                       k_offsets: torch.Tensor, causal: bool, scale: float, max_len: Optional[int] = None,
+                       activation: int = 0, norm: Optional[float] = None, bias: Optional[torch.Tensor] = None,
+                       num_targets: Optional[torch.Tensor] = None, contextual_len: int = 0,
+                       window: Optional[int] = None, dropout_p: float = 0.0, seed: int = 0,
+                       deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output ``[T_q, H, D_v]`` and, for softmax, the per-query log-sum-exp ``[H, T_q]`` (float32,
+    base 2; ``[H, 0]`` for the pointwise activations, whose backward needs none).
+    ``deterministic`` only travels to the backward."""
     total_q, heads, head_dim = q.shape
     head_dim_v = v.shape[2]
     out = torch.empty((total_q, heads, head_dim_v), dtype=q.dtype, device=q.device)
-    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((heads, total_q if activation == 0 else 0), dtype=torch.float32, device=q.device)
     batch_size = q_offsets.numel() - 1
     if total_q == 0 or heads == 0:
         return out, lse
@@ -287,64 +439,107 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
     grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, q_offsets, k_offsets,
-        batch_size, binary_search_steps(batch_size), scale * LOG2_E, head_dim, head_dim_v,
-        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], lse.stride(0),
-        CAUSAL=causal, PRECISION=dot_precision(q.dtype), **tiles,
+        batch_size=batch_size, search_steps=binary_search_steps(batch_size), head_dim=head_dim,
+        head_dim_v=head_dim_v, stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0),
+        stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0),
+        stride_oh=out.stride(1), stride_lh=lse.stride(0),
+        **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
+                           dropout_p, seed),
+        **tiles,
     )
     return out, lse
 
 
 @_attention_forward.register_fake
-def _(q, k, v, q_offsets, k_offsets, causal, scale, max_len=None):
+def _(q, k, v, q_offsets, k_offsets, causal, scale, max_len=None, activation=0, norm=None, bias=None,
+      num_targets=None, contextual_len=0, window=None, dropout_p=0.0, seed=0, deterministic=False):
     return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
-            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+            q.new_empty((q.shape[1], q.shape[0] if activation == 0 else 0), dtype=torch.float32))
 
 
 @jagged_op("flash_attention_backward")
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor, causal: bool,
-                        scale: float, max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV (contiguous; q, k, v may be strided views: each is read with its own strides)."""
+                        scale: float, max_len: Optional[int] = None, activation: int = 0,
+                        norm: Optional[float] = None, bias: Optional[torch.Tensor] = None,
+                        num_targets: Optional[torch.Tensor] = None, contextual_len: int = 0,
+                        window: Optional[int] = None, dropout_p: float = 0.0, seed: int = 0,
+                        deterministic: bool = False, bias_grad: bool = False,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV (contiguous; q, k, v may be strided views: each is read with its own strides)
+    and the bias gradient (float32, bias's shape; empty unless ``bias_grad``)."""
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     batch_size, heads = q_offsets.numel() - 1, q.shape[1]
-    if q.shape[0] == 0 or heads == 0:  # no query: nothing depends on k or v
-        return dq, dk.zero_(), dv.zero_()
+    bias_grad = bias_grad and bias is not None
+    dbias = torch.zeros(bias.shape if bias_grad else (0,), dtype=torch.float32, device=q.device)
+    if q.shape[0] == 0 or heads == 0:  # no query: nothing depends on k, v or the bias
+        return dq, dk.zero_(), dv.zero_(), dbias
     do = unit_last_stride(do)
     tiles = _tiles("backward", q.shape[2], v.shape[2], max_len)
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
-    delta = torch.empty_like(lse)
-    block_t = 64
-    _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
-        out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
-        BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
+    # Deterministic bias gradient: one row of partial sums per (dQ program, head), summed in a
+    # fixed order afterwards; otherwise float32 atomics straight into dbias.
+    bias_partial = dbias
+    if bias_grad and deterministic:
+        bias_partial = torch.zeros((num_q_slots, *bias.shape), dtype=torch.float32, device=q.device)
+    delta = lse
+    if activation == 0:
+        delta = torch.empty_like(lse)
+        block_t = 64
+        _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
+            out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
+            BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
     _attention_backward_kernel[(num_kv_slots + num_q_slots, heads)](
-        q, k, v, do, lse, delta, dq, dk, dv, q_offsets, k_offsets,
-        batch_size, binary_search_steps(batch_size), num_kv_slots, scale * LOG2_E, scale, q.shape[2], v.shape[2],
-        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *do.stride()[:2], lse.stride(0),
-        *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2],
-        CAUSAL=causal, PRECISION=dot_precision(q.dtype), **tiles,
+        q, k, v, do, lse, delta, dq, dk, dv, bias_partial, q_offsets, k_offsets,
+        batch_size=batch_size, search_steps=binary_search_steps(batch_size), num_kv_slots=num_kv_slots, scale=scale,
+        head_dim=q.shape[2], head_dim_v=v.shape[2],
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1),
+        stride_lh=lse.stride(0), stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), stride_dkt=dk.stride(0),
+        stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
+        stride_dbs=bias_partial.stride(0) if bias_partial.dim() == 3 else 0,
+        stride_dbh=bias_partial.stride(-2) if bias_partial.dim() >= 2 else 0,
+        BIAS_GRAD=bias_grad, DETERMINISTIC=deterministic,
+        **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
+                           dropout_p, seed),
+        **tiles,
     )
-    return dq, dk, dv
+    if bias_partial is not dbias:
+        dbias = bias_partial.sum(0)
+    return dq, dk, dv, dbias
 
 
 @_attention_backward.register_fake
-def _(do, q, k, v, out, lse, q_offsets, k_offsets, causal, scale, max_len=None):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+def _(do, q, k, v, out, lse, q_offsets, k_offsets, causal, scale, max_len=None, activation=0, norm=None, bias=None,
+      num_targets=None, contextual_len=0, window=None, dropout_p=0.0, seed=0, deterministic=False, bias_grad=False):
+    grads = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    bias_shape = bias.shape if bias_grad and bias is not None else (0,)
+    return (*grads, q.new_empty(bias_shape, dtype=torch.float32))
+
+
+_FORWARD_ARGUMENTS = ("q", "k", "v", "q_offsets", "k_offsets", "causal", "scale", "max_len", "activation", "norm",
+                      "bias", "num_targets", "contextual_len", "window", "dropout_p", "seed", "deterministic")
 
 
 def _save_for_attention_backward(ctx, inputs, output):
-    q, k, v, q_offsets, k_offsets, causal, scale, max_len = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], q_offsets, k_offsets)
-    ctx.causal, ctx.scale, ctx.max_len = causal, scale, max_len
+    arguments = dict(zip(_FORWARD_ARGUMENTS, inputs))
+    tensors = ("q", "k", "v", "q_offsets", "k_offsets", "bias", "num_targets")
+    ctx.save_for_backward(*(arguments[name] for name in tensors), *output)
+    ctx.options = {name: value for name, value in arguments.items() if name not in tensors}
+    ctx.bias_grad = arguments["bias"] is not None and ctx.needs_input_grad[_FORWARD_ARGUMENTS.index("bias")]
 
 
 def _attention_autograd_backward(ctx, grad_out, grad_lse):
     # lse is an internal output (saved for the backward): nothing differentiates through it.
-    q, k, v, out, lse, q_offsets, k_offsets = ctx.saved_tensors
-    dq, dk, dv = _attention_backward(grad_out, q, k, v, out, lse, q_offsets, k_offsets, ctx.causal, ctx.scale,
-                                     ctx.max_len)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, q_offsets, k_offsets, bias, num_targets, out, lse = ctx.saved_tensors
+    options = ctx.options
+    dq, dk, dv, dbias = _attention_backward(
+        grad_out, q, k, v, out, lse, q_offsets, k_offsets, options["causal"], options["scale"], options["max_len"],
+        options["activation"], options["norm"], bias, num_targets, options["contextual_len"], options["window"],
+        options["dropout_p"], options["seed"], options["deterministic"], ctx.bias_grad)
+    grads = dict(q=dq, k=dk, v=dv, bias=dbias.to(bias.dtype) if ctx.bias_grad else None)
+    return tuple(grads.get(name) for name in _FORWARD_ARGUMENTS)
 
 
 _attention_forward.register_autograd(_attention_autograd_backward, setup_context=_save_for_attention_backward)
@@ -408,6 +603,187 @@ def jagged_flash_attention_values(
         return reference.jagged_attention(q, k, v, q_offsets, k_offsets, causal=causal, scale=scale)
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
     return _attention_forward(q, k, v, q_offsets, k_offsets, bool(causal), scale, max_len)[0]
+
+
+def _check_number(value, name: str, low: float, high: float, *, integer: bool = False, low_open: bool = False,
+                  high_open: bool = False):
+    """``value`` is an int (or, unless ``integer``, a float) in [low, high] (open ends as asked)."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {type(value).__name__} {value!r}")
+    if not (low < value if low_open else low <= value) or not (value < high if high_open else value <= high):
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, "
+                         f"got {value}")
+    return value
+
+
+def _check_generalized_arguments(q, q_offsets, activation, norm, bias, num_targets, contextual_len, window,
+                                 dropout_p, seed, deterministic):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if norm is not None:
+        if activation == "softmax":
+            raise ValueError("norm applies to the pointwise activations ('silu', 'gelu'); softmax normalises itself")
+        _check_number(norm, "norm", 0.0, math.inf, low_open=True, high_open=True)
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if bias.dim() != 2 or bias.shape[0] != q.shape[1] or bias.shape[1] % 2 != 1:
+            raise ValueError(f"bias must be [H, 2 * max_distance + 1] = [{q.shape[1]}, odd], got {tuple(bias.shape)}")
+        if bias.dtype not in (torch.float16, torch.bfloat16, torch.float32) or bias.device != q.device:
+            raise ValueError(f"bias must be float16/bfloat16/float32 on {q.device}, got {bias.dtype} on {bias.device}")
+    if num_targets is not None:
+        check_tensor(num_targets, "num_targets")
+        if num_targets.shape != (q_offsets.numel() - 1,) or num_targets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"num_targets must be int32/int64 of shape [B] = [{q_offsets.numel() - 1}], got "
+                             f"{num_targets.dtype} {tuple(num_targets.shape)}")
+        if num_targets.device != q.device:
+            raise ValueError(f"num_targets must be on {q.device}, got {num_targets.device}")
+    _check_number(contextual_len, "contextual_len", 0, NO_WINDOW, integer=True)
+    if window is not None:
+        _check_number(window, "window", 1, NO_WINDOW, integer=True)
+    _check_number(dropout_p, "dropout_p", 0.0, 1.0, high_open=True)
+    if seed is not None:
+        _check_number(seed, "seed", 0, 2 ** 63 - 1, integer=True)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+
+
+def jagged_attention(q, k, v, *, activation: str = "softmax", scale: float | None = None, norm: float | None = None,
+                     causal: bool = False, bias: torch.Tensor | None = None, num_targets: torch.Tensor | None = None,
+                     contextual_len: int = 0, window: int | None = None, dropout_p: float = 0.0,
+                     seed: int | None = None, deterministic: bool = False):
+    """Generalized jagged attention for recommendation models: softmax or pointwise (HSTU)
+    weights, a learnable relative-position bias, target / contextual / window masks, dropout.
+
+    For each row and head, with queries at key positions ``p = i + L_k - L_q`` (``p = i`` for
+    self-attention) and keys ``j``::
+
+        s_ij   = scale * q_i . k_j + bias[h, clamp(j - p, -R, R) + R]      (bias optional)
+        w_ij   = softmax_j(s_ij) over the visible keys               (activation="softmax")
+               = act(s_ij) / norm where visible, else 0              ("silu", "gelu")
+        out_i  = sum_j dropout(w_ij) v_j
+
+    :func:`jagged_flash_attention` is this function's plain-softmax fast path (same kernels).
+
+    Args:
+        q, k, v: :class:`jagged.JaggedTensor` as in :func:`jagged_flash_attention` (values
+            ``[T, H, D]``, ``[T_k, H, D]``, ``[T_k, H, D_v]``).
+        activation: ``"softmax"``, ``"silu"`` (HSTU) or ``"gelu"`` (exact, erf form).
+        scale: multiplies ``q . k``; default ``1/sqrt(D)`` (HSTU's alpha).
+        norm: pointwise only: the divisor of the weights; default (None) the row's number of
+            keys ``L_k``, so a row's output does not grow with its length. HSTU divides by the
+            batch's padded length instead: pass ``norm=max_len`` for that.
+        causal: key ``j`` visible to query ``p`` only if ``j <= p`` (with the HSTU masks below:
+            only if ``id(j) < id(p)``, or ``j == p``).
+        bias: ``[H, 2R + 1]`` relative-position bias (float16/bfloat16/float32, a learnable
+            parameter: gradients flow into it), indexed by the key-minus-query distance
+            ``j - p`` clamped to ``[-R, R]``. Fused in the kernels; its gradient is the sum of
+            dL/ds along each diagonal of every tile.
+        num_targets: ``[B]`` int tensor: the last ``num_targets[b]`` positions of row b are
+            targets (candidates): each sees the non-target history (subject to causal and
+            window) and itself, and no target sees another. Clamped to ``[0, L_k]``.
+        contextual_len: the first ``contextual_len`` positions are a contextual prefix: they see
+            every non-target key, and (sharing one id) are seen as one position by the rest.
+        window: local attention: visible only within ``window`` ids (``|id(p) - id(j)| <=
+            window``; HSTU's max_attn_len). None: no window.
+        dropout_p: drop attention weights with this probability (and scale the kept ones by
+            ``1 / (1 - dropout_p)``); the mask is one Philox draw per (query token, key token,
+            head) of ``seed``: the same in forward and backward, reproducible given the seed.
+            Training only: pass 0 in evaluation.
+        seed: dropout seed; default a draw from torch's global CPU generator (so
+            ``torch.manual_seed`` makes runs repeat).
+        deterministic: make the bias gradient bitwise reproducible (per-program partial sums
+            reduced in a fixed order, instead of float32 atomics; costs
+            ``(T_q / 64 + B) * H * (2R + 1) * 4`` bytes during the backward). Everything else in
+            the backward is deterministic already.
+
+    The HSTU masks (any of num_targets, contextual_len, window) define ids
+    ``id(x) = min(max(x - c + 1, 0), L_k - c + 1 - t)`` (c = contextual_len, t = the row's
+    targets); ``(p, j)`` is visible iff ``j == p``, or ``0 < id(p) - id(j) <= window`` (causal) /
+    ``0 < |id(p) - id(j)| <= window`` (not causal), or ``0 <= p < c`` and ``j < L_k - t``. This
+    is HSTU's ``_get_valid_attn_mask``; :func:`jagged.reference.attention_mask` writes it out.
+
+    Returns:
+        JaggedTensor with values ``[T_q, H, D_v]`` and q's offsets. A softmax query that sees no
+        key gets 0; so does a pointwise one, naturally.
+
+    Example (HSTU: SiLU, causal, 2 contextual positions, candidates as targets)::
+
+        >>> out = jagged.jagged_attention(x, x, x, activation="silu", causal=True, contextual_len=2,
+        ...                               num_targets=candidates_per_row, bias=rel_bias)
+    """
+    from ..tensor import JaggedTensor
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, JaggedTensor):
+            raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
+    check_same_rows(v, k, "v", "k")
+    qv, kv, vv = q.values, k.values, v.values
+    _check_attention_inputs(qv, kv, vv, q.offsets, k.offsets)
+    _check_generalized_arguments(qv, q.offsets, activation, norm, bias, num_targets, contextual_len, window,
+                                 dropout_p, seed, deterministic)
+    scale = 1.0 / math.sqrt(qv.shape[2]) if scale is None else float(_check_number(scale, "scale", -math.inf, math.inf))
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 2 ** 62, ()).item())
+    if not use_triton(qv):  # CPU without the interpreter: the reference (dropout from torch's generator)
+        keep = None
+        if dropout_p > 0:
+            keep = torch.rand(attention_dropout_shape(q, k), device=qv.device) >= dropout_p
+        out = reference.jagged_attention(qv, kv, vv, q.offsets, k.offsets, causal=causal, scale=scale,
+                                         activation=activation, norm=norm, bias=bias, num_targets=num_targets,
+                                         contextual_len=contextual_len, window=window, dropout_p=dropout_p,
+                                         dropout_keep=keep)
+        return q.with_values(out)
+    q_max, k_max = q.known_max_len, k.known_max_len
+    max_len = None if q_max is None or k_max is None else k_max if k_max > q_max else q_max
+    qv, kv, vv = (unit_last_stride(x) for x in (qv, kv, vv))
+    if bias is not None:
+        bias = unit_last_stride(bias)
+    out = _attention_forward(qv, kv, vv, q.offsets, k.offsets, bool(causal), scale, max_len, ACTIVATIONS[activation],
+                             None if norm is None else float(norm), bias, num_targets, contextual_len, window,
+                             float(dropout_p), 0 if seed is None else seed, deterministic)[0]
+    return q.with_values(out)
+
+
+def attention_dropout_shape(q, k) -> tuple[int, int, int, int]:
+    """``(B, H, max L_q, max L_k)`` of :func:`attention_dropout_mask` (synchronises for the lengths)."""
+    q_lengths, k_lengths = q.offsets.diff(), k.offsets.diff()
+    max_q = int(q_lengths.max()) if q_lengths.numel() else 0
+    max_k = int(k_lengths.max()) if k_lengths.numel() else 0
+    return (q_lengths.numel(), q.values.shape[1], max_q, max_k)
+
+
+@triton.jit(do_not_specialize=["batch_size", "search_steps", "seed"])
+def _dropout_mask_kernel(keep_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, search_steps, dropout_p, seed,
+                         stride_kb, stride_kh, stride_ki, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    head = tl.program_id(1).to(tl.int64)
+    row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps,
+                                           BLOCK_M)
+    if block * BLOCK_M < q_len:
+        k_begin, k_len = row_span(k_offsets_ptr, row)
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        for start_n in range(0, k_len, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            keep = dropout_keep(seed, (q_begin + offs_m)[:, None], (k_begin + offs_n)[None, :], head, dropout_p)
+            tl.store(keep_ptr + row * stride_kb + head * stride_kh + offs_m[:, None] * stride_ki + offs_n[None, :],
+                     keep.to(tl.int8), mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
+
+
+def attention_dropout_mask(q, k, *, dropout_p: float, seed: int) -> torch.Tensor:
+    """The keep-mask :func:`jagged_attention` applies for ``dropout_p`` and ``seed``, padded:
+    ``[B, H, max L_q, max L_k]`` bool (False outside the rows). For debugging and tests (it
+    synchronises and is ``O(B L^2)``); the kernels never store it."""
+    _check_number(dropout_p, "dropout_p", 0.0, 1.0, high_open=True)
+    _check_number(seed, "seed", 0, 2 ** 63 - 1, integer=True)
+    if not use_triton(q.values):
+        raise NotImplementedError("the dropout mask is drawn by the Triton kernels: CUDA or TRITON_INTERPRET=1")
+    keep = torch.zeros(attention_dropout_shape(q, k), dtype=torch.int8, device=q.values.device)
+    batch_size, total_q, block = q.offsets.numel() - 1, q.values.shape[0], 16
+    if keep.numel():
+        _dropout_mask_kernel[(batch_size + total_q // block, keep.shape[1])](
+            keep, q.offsets, k.offsets, batch_size, binary_search_steps(batch_size), float(dropout_p), seed,
+            *keep.stride()[:3], BLOCK_M=block, BLOCK_N=16)
+    return keep.bool()
 
 
 def jagged_flash_attention(q, k, v, *, causal: bool = False, scale: float | None = None):

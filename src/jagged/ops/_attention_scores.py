@@ -1,0 +1,174 @@
+"""Triton helpers for the attention kernels' score tiles, shared by the forward and both backward
+passes (which see the same tile transposed: every helper takes broadcastable 2-D position
+tensors, so ``[M, 1]`` x ``[1, N]`` and ``[1, M]`` x ``[N, 1]`` both work).
+
+- which (query, key) pairs attend: in-row, causal, and the HSTU masks (targets, contextual
+  prefix, local window); the rules are written out in :func:`jagged.jagged_attention`'s doc and
+  mirrored by :func:`jagged.reference.attention_mask`;
+- the relative-position bias and the dropout keep-mask (one Philox draw per (query token, key
+  token, head), so forward and backward agree whatever their tiles);
+- the pointwise activations (SiLU, GELU) and their derivatives;
+- the loop bounds that skip tiles no query (or key) of a block can see;
+- the diagonal sums of a gradient tile, which is what the relative-position bias's gradient is.
+
+Activation codes (the kernels' ACTIVATION constexpr): 0 softmax, 1 SiLU, 2 GELU (exact, erf).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def hstu_ids(pos, k_len, n_targets, contextual_len):
+    """HSTU position ids: the contextual prefix collapses to one id, and so do the targets (to the
+    first target's), so that distances between ids decide visibility. Also returns the targets' id."""
+    max_id = k_len - contextual_len + 1 - n_targets
+    return tl.minimum(tl.maximum(pos - contextual_len + 1, 0), max_id), max_id
+
+
+@triton.jit
+def visible(qi, kj, q_len, k_len, n_targets, contextual_len, window, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr):
+    """Mask of the (query, key) pairs that attend. ``qi``: query indices in the row, ``kj``: key
+    indices, broadcastable 2-D. Queries are aligned to the end of the key row (position
+    ``qi + L_k - L_q``), as for causal attention."""
+    ok = (qi < q_len) & (kj < k_len)
+    pos = qi + (k_len - q_len)
+    if HSTU_MASK:
+        row_id, _ = hstu_ids(pos, k_len, n_targets, contextual_len)
+        col_id, _ = hstu_ids(kj, k_len, n_targets, contextual_len)
+        dist = row_id - col_id
+        if CAUSAL:
+            seen = (dist > 0) & (dist <= window)
+        else:
+            seen = (dist != 0) & (dist <= window) & (dist >= -window)
+        contextual_row = (pos >= 0) & (pos < contextual_len)
+        seen = seen | (pos == kj) | (contextual_row & (kj < k_len - n_targets))
+        ok = ok & seen
+    elif CAUSAL:
+        ok = ok & (kj <= pos)
+    return ok
+
+
+@triton.jit
+def key_range(first, last, q_len, k_len, n_targets, contextual_len, window,
+              CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end) of the keys that queries ``first..last`` (row indices) may see; ``start`` is
+    a multiple of BLOCK_N. Tiles outside are wholly masked and skipped."""
+    shift = k_len - q_len
+    start = first * 0
+    end = k_len
+    if CAUSAL:  # keys past the last query's position are hidden from the block...
+        end = tl.minimum(k_len, last + 1 + shift)
+    if HSTU_MASK:
+        if first + shift < contextual_len:  # ...unless it holds a contextual query, which sees all
+            end = k_len
+        # Window: ids below first's id - window are hidden from the whole block (ids grow with
+        # position, and a key's id is at most its position - contextual_len + 1).
+        first_id, _ = hstu_ids(first + shift, k_len, n_targets, contextual_len)
+        low = first_id - window
+        start = tl.where(low > 0, low + contextual_len - 1, 0) // BLOCK_N * BLOCK_N
+    return start, end
+
+
+@triton.jit
+def query_range(first, last, q_len, k_len, n_targets, contextual_len, window,
+                CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[start, end) of the queries (row indices) that may see keys ``first..last``; ``start`` is
+    a multiple of BLOCK_M."""
+    shift = k_len - q_len
+    start = first * 0
+    end = q_len
+    if CAUSAL:  # queries before the first key see none of the block...
+        start = tl.maximum(first - shift, 0)
+        if HSTU_MASK:
+            if contextual_len > 0:  # ...except contextual queries
+                start = start * 0
+    if HSTU_MASK:
+        if not HAS_TARGETS:  # a query more than window ids past the last key sees none of it
+            end = tl.minimum(q_len, tl.maximum(last, contextual_len - 1) + window + 1 - shift)
+    return start // BLOCK_M * BLOCK_M, end
+
+
+@triton.jit
+def relative_bias(bias_ptr, head, stride_bh, rel, max_distance):
+    """bias[head, clamp(rel, -R, R) + R] (float32) for key-minus-query distances ``rel``."""
+    rel = tl.minimum(tl.maximum(rel, -max_distance), max_distance)
+    return tl.load(bias_ptr + head * stride_bh + rel + max_distance).to(tl.float32)
+
+
+@triton.jit
+def dropout_keep(seed, q_tokens, k_tokens, head, dropout_p):
+    """Keep-mask: one Philox draw per (query token, key token, head), broadcast 2-D tokens."""
+    zero = (q_tokens * 0 + k_tokens * 0).to(tl.uint32)
+    bits, _, _, _ = tl.philox(seed, (q_tokens + k_tokens * 0).to(tl.uint32), (k_tokens + q_tokens * 0).to(tl.uint32),
+                              zero + head.to(tl.uint32), zero)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def pointwise_activation(s, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        return s * tl.sigmoid(s)
+    return 0.5 * s * (1.0 + tl.math.erf(s * 0.7071067811865476))
+
+
+@triton.jit
+def pointwise_activation_grad(s, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        sig = tl.sigmoid(s)
+        return sig * (1.0 + s * (1.0 - sig))
+    return 0.5 * (1.0 + tl.math.erf(s * 0.7071067811865476)) + s * 0.3989422804014327 * tl.exp(-0.5 * s * s)
+
+
+@triton.jit
+def diagonal_sums(tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """``out[w] = sum_a tile[a, a + w - (BLOCK_M - 1)]`` for a ``[BLOCK_M, BLOCK_N]`` tile: the
+    sums along its diagonals, from key-minus-query offset -(BLOCK_M - 1) (w = 0) up to BLOCK_N - 1
+    (w = BLOCK_M + BLOCK_N - 2); BLOCK_W >= BLOCK_M + BLOCK_N - 1, the rest is 0."""
+    row = tl.arange(0, BLOCK_M)[:, None]
+    col = row + tl.arange(0, BLOCK_W)[None, :] - (BLOCK_M - 1)
+    inside = (col >= 0) & (col < BLOCK_N)
+    shifted = tl.gather(tile, tl.where(inside, col, 0), 1)
+    return tl.sum(tl.where(inside, shifted, 0.0), 0)
+
+
+@triton.jit
+def accumulate_bias_grad(ds, first_rel, grad_row, max_distance, clamped_low, clamped_high,
+                         DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_W: tl.constexpr):
+    """Add a dS tile ([queries, keys]; its top-left-most diagonal has key-minus-query distance
+    ``first_rel``) to the bias gradient ``grad_row`` (2R + 1 float32 buckets).
+
+    Atomics (DETERMINISTIC off): one atomic add per diagonal, not per element. DETERMINISTIC:
+    ``grad_row`` is this program's own row of partial sums: read-modify-write the distances
+    inside (-R, R), each a distinct bucket, and carry the clamped ones in two sums that
+    :func:`finish_bias_grad` stores once.
+    """
+    sums = diagonal_sums(ds, BLOCK_M, BLOCK_N, BLOCK_W)
+    w = tl.arange(0, BLOCK_W)
+    rel = first_rel + w
+    real = w < BLOCK_M + BLOCK_N - 1
+    if DETERMINISTIC:
+        inside = real & (rel > -max_distance) & (rel < max_distance)
+        buckets = grad_row + rel + max_distance
+        tl.store(buckets, tl.load(buckets, mask=inside, other=0.0) + sums, mask=inside)
+        # The next tile's diagonals overlap these buckets, and other threads may own them.
+        tl.debug_barrier()
+        clamped_low += tl.sum(tl.where(real & (rel <= -max_distance), sums, 0.0), 0)
+        clamped_high += tl.sum(tl.where(real & (rel >= max_distance) & (rel > -max_distance), sums, 0.0), 0)
+    else:
+        bucket = tl.minimum(tl.maximum(rel, -max_distance), max_distance) + max_distance
+        tl.atomic_add(grad_row + bucket, sums, mask=real)
+    return clamped_low, clamped_high
+
+
+@triton.jit
+def finish_bias_grad(grad_row, max_distance, clamped_low, clamped_high, DETERMINISTIC: tl.constexpr):
+    """Store the clamped buckets' sums of accumulate_bias_grad's DETERMINISTIC mode."""
+    if DETERMINISTIC:
+        first = tl.arange(0, 1)
+        if max_distance == 0:  # one bucket: both ends are it
+            tl.store(grad_row + first, clamped_low + clamped_high)
+        else:
+            tl.store(grad_row + first, clamped_low)
+            tl.store(grad_row + 2 * max_distance + first, clamped_high)
