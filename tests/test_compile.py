@@ -52,10 +52,10 @@ def _op_cases():
                                       lse.detach(), offsets, offsets, True, 0.25, longest)),
         # jagged_attention's features: SiLU, bias (a differentiable input), targets, contextual, window, dropout.
         ("flash_attention_forward", (q, k, v, offsets, offsets, True, 0.25, longest, 1, None, bias,
-                                     num_targets, 1, 5, 0.2, 99, True)),
+                                     num_targets, 1, 5, 0.2, 99)),
         ("flash_attention_backward", (_randn(total, heads, dim), q.detach(), k.detach(), v.detach(), out.detach(),
                                       lse[:, :0].detach(), offsets, offsets, False, 0.25, longest, 2, 3.0,
-                                      bias.detach(), num_targets, 0, None, 0.0, 0, True, True)),
+                                      bias.detach(), num_targets, 0, None, 0.0, 0, True)),
         ("jagged_dense_bmm", (_randn(total, 16, grad=True), _randn(batch, 16, 24, grad=True), offsets)),
         ("jagged_jagged_bmm", (_randn(total, 16, grad=True), _randn(total, 24, grad=True), offsets)),
         ("jagged_to_padded_dense", (_randn(total, 8, grad=True), offsets, longest, -1.0)),

@@ -69,7 +69,11 @@ def _score_tile(qk, qi, kj, q_len, k_len, head, bias_ptr, stride_bh, max_distanc
                 qk_scale, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ACTIVATION: tl.constexpr):
     """Scores (base 2 for softmax: qk_scale holds log2 e) and the visibility mask of a tile of raw
-    q.k products, queries ``qi`` x keys ``kj`` (row indices, broadcastable 2-D)."""
+    q.k products, queries ``qi`` x keys ``kj`` (row indices, broadcastable 2-D). Positions and
+    lengths go to int32 here: rows are shorter than 2^31, and the per-element mask and bias
+    arithmetic is then half the instructions of int64."""
+    qi, kj = qi.to(tl.int32), kj.to(tl.int32)
+    q_len, k_len, n_targets = q_len.to(tl.int32), k_len.to(tl.int32), n_targets.to(tl.int32)
     s = qk * qk_scale
     if HAS_BIAS:
         bias = relative_bias(bias_ptr, head, stride_bh, kj - (qi + (k_len - q_len)), max_distance)
@@ -252,8 +256,7 @@ def _backward_dq(
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ of one block of one row's queries: stream over the row's keys. With a bias gradient,
@@ -276,11 +279,9 @@ def _backward_dq(
             lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
             delta = tl.load(delta_ptr + head * stride_lh + tokens, mask=query_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        # Bias gradient: this program's slice (deterministic: its own row of partial sums) and
-        # the sums for the distances clamped to -R and +R.
-        grad_row = dbias_ptr + head * stride_dbh
-        if DETERMINISTIC:
-            grad_row += slot * stride_dbs
+        # Bias gradient: this program's own row of partial sums, and the sums for the distances
+        # clamped to -R and +R.
+        grad_row = dbias_ptr + slot * stride_dbs + head * stride_dbh
         clamped_low = tl.zeros([1], dtype=tl.float32)
         clamped_high = tl.zeros([1], dtype=tl.float32)
         start_n, end_n = key_range(block * BLOCK_M, tl.minimum(block * BLOCK_M + BLOCK_M, q_len) - 1, q_len, k_len,
@@ -303,10 +304,10 @@ def _backward_dq(
             if BIAS_GRAD:
                 first_rel = start_n - (block * BLOCK_M + k_len - q_len) - (BLOCK_M - 1)
                 clamped_low, clamped_high = accumulate_bias_grad(
-                    ds * inv_norm, first_rel, grad_row, max_distance, clamped_low, clamped_high, DETERMINISTIC,
+                    ds * inv_norm, first_rel, grad_row, max_distance, clamped_low, clamped_high,
                     BLOCK_M, BLOCK_N, BLOCK_W)
         if BIAS_GRAD:
-            finish_bias_grad(grad_row, max_distance, clamped_low, clamped_high, DETERMINISTIC)
+            finish_bias_grad(grad_row, max_distance, clamped_low, clamped_high)
         tl.store(dq_ptr + tokens[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
                  (dq * (scale * inv_norm)).to(dq_ptr.dtype.element_ty),
                  mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
@@ -323,14 +324,13 @@ def _attention_backward_kernel(
     stride_dbs, stride_dbh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
     Q_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     # One launch for dK, dV and dQ (launches dominate short rows): slots [0, num_kv_slots) own key
     # blocks (dK, dV), the rest own query blocks (dQ). Each dQ, dK, dV element is written by
-    # exactly one program, with no atomics; so is each bias partial sum when DETERMINISTIC.
+    # exactly one program, with no atomics; so is each bias partial sum: deterministic.
     head = tl.program_id(1).to(tl.int64)
     slot = tl.program_id(0).to(tl.int64)
     if slot < num_kv_slots:
@@ -348,7 +348,7 @@ def _attention_backward_kernel(
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
                      CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH,
-                     BIAS_GRAD, DETERMINISTIC, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
+                     BIAS_GRAD, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
 
 
 # Rows at most this long take the short-row tiles (when the caller knows max_len).
@@ -423,11 +423,10 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
                        k_offsets: torch.Tensor, causal: bool, scale: float, max_len: Optional[int] = None,
                        activation: int = 0, norm: Optional[float] = None, bias: Optional[torch.Tensor] = None,
                        num_targets: Optional[torch.Tensor] = None, contextual_len: int = 0,
-                       window: Optional[int] = None, dropout_p: float = 0.0, seed: int = 0,
-                       deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       window: Optional[int] = None, dropout_p: float = 0.0,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``[T_q, H, D_v]`` and, for softmax, the per-query log-sum-exp ``[H, T_q]`` (float32,
-    base 2; ``[H, 0]`` for the pointwise activations, whose backward needs none).
-    ``deterministic`` only travels to the backward."""
+    base 2; ``[H, 0]`` for the pointwise activations, whose backward needs none)."""
     total_q, heads, head_dim = q.shape
     head_dim_v = v.shape[2]
     out = torch.empty((total_q, heads, head_dim_v), dtype=q.dtype, device=q.device)
@@ -452,7 +451,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
 
 @_attention_forward.register_fake
 def _(q, k, v, q_offsets, k_offsets, causal, scale, max_len=None, activation=0, norm=None, bias=None,
-      num_targets=None, contextual_len=0, window=None, dropout_p=0.0, seed=0, deterministic=False):
+      num_targets=None, contextual_len=0, window=None, dropout_p=0.0, seed=0):
     return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
             q.new_empty((q.shape[1], q.shape[0] if activation == 0 else 0), dtype=torch.float32))
 
@@ -464,7 +463,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                         norm: Optional[float] = None, bias: Optional[torch.Tensor] = None,
                         num_targets: Optional[torch.Tensor] = None, contextual_len: int = 0,
                         window: Optional[int] = None, dropout_p: float = 0.0, seed: int = 0,
-                        deterministic: bool = False, bias_grad: bool = False,
+                        bias_grad: bool = False,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK, dV (contiguous; q, k, v may be strided views: each is read with its own strides)
     and the bias gradient (float32, bias's shape; empty unless ``bias_grad``)."""
@@ -478,10 +477,10 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     tiles = _tiles("backward", q.shape[2], v.shape[2], max_len)
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
-    # Deterministic bias gradient: one row of partial sums per (dQ program, head), summed in a
-    # fixed order afterwards; otherwise float32 atomics straight into dbias.
+    # Bias gradient: one row of partial sums per (dQ program, head), summed in a fixed order
+    # afterwards (deterministic; faster than atomics, see accumulate_bias_grad).
     bias_partial = dbias
-    if bias_grad and deterministic:
+    if bias_grad:
         bias_partial = torch.zeros((num_q_slots, *bias.shape), dtype=torch.float32, device=q.device)
     delta = lse
     if activation == 0:
@@ -500,7 +499,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
         stride_dbs=bias_partial.stride(0) if bias_partial.dim() == 3 else 0,
         stride_dbh=bias_partial.stride(-2) if bias_partial.dim() >= 2 else 0,
-        BIAS_GRAD=bias_grad, DETERMINISTIC=deterministic,
+        BIAS_GRAD=bias_grad,
         **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
                            dropout_p, seed),
         **tiles,
@@ -512,14 +511,14 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
 @_attention_backward.register_fake
 def _(do, q, k, v, out, lse, q_offsets, k_offsets, causal, scale, max_len=None, activation=0, norm=None, bias=None,
-      num_targets=None, contextual_len=0, window=None, dropout_p=0.0, seed=0, deterministic=False, bias_grad=False):
+      num_targets=None, contextual_len=0, window=None, dropout_p=0.0, seed=0, bias_grad=False):
     grads = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     bias_shape = bias.shape if bias_grad and bias is not None else (0,)
     return (*grads, q.new_empty(bias_shape, dtype=torch.float32))
 
 
 _FORWARD_ARGUMENTS = ("q", "k", "v", "q_offsets", "k_offsets", "causal", "scale", "max_len", "activation", "norm",
-                      "bias", "num_targets", "contextual_len", "window", "dropout_p", "seed", "deterministic")
+                      "bias", "num_targets", "contextual_len", "window", "dropout_p", "seed")
 
 
 def _save_for_attention_backward(ctx, inputs, output):
@@ -537,7 +536,7 @@ def _attention_autograd_backward(ctx, grad_out, grad_lse):
     dq, dk, dv, dbias = _attention_backward(
         grad_out, q, k, v, out, lse, q_offsets, k_offsets, options["causal"], options["scale"], options["max_len"],
         options["activation"], options["norm"], bias, num_targets, options["contextual_len"], options["window"],
-        options["dropout_p"], options["seed"], options["deterministic"], ctx.bias_grad)
+        options["dropout_p"], options["seed"], ctx.bias_grad)
     grads = dict(q=dq, k=dk, v=dv, bias=dbias.to(bias.dtype) if ctx.bias_grad else None)
     return tuple(grads.get(name) for name in _FORWARD_ARGUMENTS)
 
@@ -692,10 +691,11 @@ def jagged_attention(q, k, v, *, activation: str = "softmax", scale: float | Non
             Training only: pass 0 in evaluation.
         seed: dropout seed; default a draw from torch's global CPU generator (so
             ``torch.manual_seed`` makes runs repeat).
-        deterministic: make the bias gradient bitwise reproducible (per-program partial sums
-            reduced in a fixed order, instead of float32 atomics; costs
-            ``(T_q / 64 + B) * H * (2R + 1) * 4`` bytes during the backward). Everything else in
-            the backward is deterministic already.
+        deterministic: accepted for API compatibility (FlashAttention's, HSTU's): the backward
+            is always bitwise reproducible. No atomics anywhere: dQ, dK, dV each have one writer,
+            and the bias gradient is reduced from per-program partial sums in a fixed order
+            (``(T_q / 64 + B) * H * (2R + 1) * 4`` bytes during the backward), which measured
+            1.2-3x faster than float32 atomics (benchmarks/NOTES.md).
 
     The HSTU masks (any of num_targets, contextual_len, window) define ids
     ``id(x) = min(max(x - c + 1, 0), L_k - c + 1 - t)`` (c = contextual_len, t = the row's
@@ -741,7 +741,7 @@ def jagged_attention(q, k, v, *, activation: str = "softmax", scale: float | Non
         bias = unit_last_stride(bias)
     out = _attention_forward(qv, kv, vv, q.offsets, k.offsets, bool(causal), scale, max_len, ACTIVATIONS[activation],
                              None if norm is None else float(norm), bias, num_targets, contextual_len, window,
-                             float(dropout_p), 0 if seed is None else seed, deterministic)[0]
+                             float(dropout_p), 0 if seed is None else seed)[0]
     return q.with_values(out)
 
 
