@@ -65,21 +65,18 @@ def _row_inverse_norm(k_len, norm, ACTIVATION: tl.constexpr, NORM_BY_LENGTH: tl.
 
 
 @triton.jit
-def _score_tile(qk, qi, kj, q_first, k_first, q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets,
-                contextual_len, window, qk_scale, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr,
-                HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+def _score_tile(qk, qi, kj, q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window,
+                qk_scale, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ACTIVATION: tl.constexpr):
     """Scores (base 2 for softmax: qk_scale holds log2 e) and the visibility mask of a tile of raw
-    q.k products, queries ``qi`` x keys ``kj`` (row indices, broadcastable 2-D; the first of each
-    is q_first / k_first, BLOCK_Q / BLOCK_K of them). Positions and lengths go to int32 here:
-    rows are shorter than 2^31, and per-element int64 arithmetic is twice the instructions."""
+    q.k products, queries ``qi`` x keys ``kj`` (row indices, broadcastable 2-D). Positions and
+    lengths go to int32 here: rows are shorter than 2^31, and per-element int64 arithmetic is
+    twice the instructions."""
     qi, kj = qi.to(tl.int32), kj.to(tl.int32)
     q_len, k_len, n_targets = q_len.to(tl.int32), k_len.to(tl.int32), n_targets.to(tl.int32)
     s = qk * qk_scale
     if HAS_BIAS:
-        shift = k_len - q_len
-        first_rel = (k_first - (q_first + BLOCK_Q - 1) - shift).to(tl.int32)
-        last_rel = (k_first + BLOCK_K - 1 - q_first - shift).to(tl.int32)
-        bias = relative_bias(bias_ptr, head, stride_bh, kj - (qi + shift), first_rel, last_rel, max_distance)
+        bias = relative_bias(bias_ptr, head, stride_bh, kj - (qi + (k_len - q_len)), max_distance)
         if ACTIVATION == 0:
             bias = bias * 1.4426950408889634  # log2(e): the softmax runs in base 2
         s = s + bias
@@ -138,8 +135,8 @@ def _attention_forward_kernel(
         k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
         v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
         s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :],
-                            block * BLOCK_M, start_n, q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets,
-                            contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, BLOCK_M, BLOCK_N)
+                            q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets,
+                            contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION)
         if ACTIVATION == 0:
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -224,9 +221,9 @@ def _backward_dkdv(
             do = _load_tile(do_ptr, tokens, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
             # Transposed tiles [N, M]: keys down, queries across.
             s_t, ok_t = _score_tile(tl.dot(k, q_t, input_precision=PRECISION), offs_m[None, :], offs_n[:, None],
-                                    start_m, block * BLOCK_N, q_len, k_len, head, bias_ptr, stride_bh, max_distance,
+                                    q_len, k_len, head, bias_ptr, stride_bh, max_distance,
                                     n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS,
-                                    ACTIVATION, BLOCK_M, BLOCK_N)
+                                    ACTIVATION)
             lse = tl.zeros([BLOCK_M], dtype=tl.float32)
             delta = tl.zeros([BLOCK_M], dtype=tl.float32)
             if ACTIVATION == 0:
@@ -296,9 +293,8 @@ def _backward_dq(
             k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
             v_t = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, True)
             s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :],
-                                block * BLOCK_M, start_n, q_len, k_len, head, bias_ptr, stride_bh, max_distance,
-                                n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION,
-                                BLOCK_M, BLOCK_N)
+                                q_len, k_len, head, bias_ptr, stride_bh, max_distance,
+                                n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION)
             w = _attention_weights(s, ok, lse[:, None], ACTIVATION)
             dp = tl.dot(do, v_t, input_precision=PRECISION)
             if DROPOUT:
