@@ -64,6 +64,14 @@ class Padded:
 
     def __init__(self, offsets, max_len, options):
         self.offsets, self.max_len, self.options = offsets, max_len, options
+        self.mask = None
+        try:
+            self._build_masks()
+        except torch.cuda.OutOfMemoryError:  # [B, L, L] masks at B=512, L=4096: measured as out of memory
+            pass
+
+    def _build_masks(self):
+        offsets, max_len, options = self.offsets, self.max_len, self.options
         self.mask = reference.attention_mask(offsets, offsets, max_len, max_len, causal=options.get("causal", False),
                                              num_targets=options.get("num_targets"),
                                              contextual_len=options.get("contextual_len", 0))[:, None]
@@ -72,6 +80,8 @@ class Padded:
         self.lengths = offsets.diff()[:, None, None, None]
 
     def __call__(self, q, k, v):
+        if self.mask is None:
+            raise torch.cuda.OutOfMemoryError("building the [B, L, L] masks")
         qd, kd, vd = (padded_to_dense(x, self.offsets, self.max_len).transpose(1, 2) for x in (q, k, v))
         scores = qd @ kd.transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1]))
         bias = self.options.get("bias")
