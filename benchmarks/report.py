@@ -118,6 +118,30 @@ def fa2_section(data: dict) -> str:
             "same calls captured in a CUDA graph and replayed: GPU time alone.\n\n" + markdown(header, lines))
 
 
+def generalized_section(data: dict, flex: dict | None) -> str:
+    """jagged_attention (issue 8) against the padded PyTorch formulation and FlexAttention (whose
+    rows may come from another run: they do not depend on our kernels)."""
+    keys = ("variant", "B", "max_L", "H", "D", "lengths", "fill")
+    flex_rows = {tuple(r[k] for k in keys): r for r in (flex or {}).get("rows", [])}
+    header = [*keys, "ours fwd ms", "ours f+b ms", "ours f+b graph ms", "ours MiB", "padded f+b ms", "padded f+b x",
+              "padded MiB", "flex fwd ms", "flex f+b ms", "flex f+b x", "flex MiB"]
+    lines = []
+    for key, by in grouped(data["rows"], keys):
+        ours, padded, flex_row = by["jagged"], by.get("padded"), flex_rows.get(key)
+        lines.append([*key, ours["fwd_ms"], ours["fwd_bwd_ms"], ours.get("fwd_bwd_graph_ms"), ours["peak_MiB"],
+                      (padded or {}).get("fwd_bwd_ms") or (padded or {}).get("note"),
+                      ratio(padded, ours, "fwd_bwd_ms"), (padded or {}).get("peak_MiB"),
+                      (flex_row or {}).get("fwd_ms"), (flex_row or {}).get("fwd_bwd_ms"),
+                      ratio(flex_row, ours, "fwd_bwd_ms"), (flex_row or {}).get("peak_MiB")])
+    flex_line = f" FlexAttention: {environment_line(flex['environment'], 'the same')}" if flex else ""
+    return ("## Generalized attention (issue 8)\n\n" + environment_line(
+        data["environment"], "python benchmarks/bench_generalized_attention.py") + flex_line + "\n\n"
+        "Causal self-attention, bf16; softmax_bias: softmax + relative-position bias [H, 257]; hstu: SiLU + bias + "
+        "2 contextual positions + ~10% targets per row; silu: SiLU alone; dropout: softmax_bias with p=0.1. "
+        "f+b includes the bias gradient. sparse: ~5% fill (95% of a padded batch is padding); unif: ~50%. "
+        + RATIO + ".\n\n" + markdown(header, lines))
+
+
 def throughput_section(title: str, data: dict, command: str) -> str:
     keys = ("op", "B", "max_L", "D", "dtype", "lengths", "fill")
     methods = list(dict.fromkeys(r["method"] for r in data["rows"]))
@@ -206,6 +230,9 @@ def main(argv=None):
         data = newest(results, name)
         if data:
             sections.append(throughput_section(title, data, command))
+    generalized = newest(results, "generalized_attention_h100") or newest(results, "generalized_attention")
+    if generalized and generalized["rows"] and generalized["rows"][0]["method"] != "flex":
+        sections.append(generalized_section(generalized, newest(results, "generalized_attention_flex")))
     stress = newest(results, "stress")
     if stress:
         sections.append(stress_section(stress))
