@@ -89,6 +89,25 @@ def op_cases(quick, gpu_cases, cpu_cases, shapes=None, dtypes=None, lengths=None
                     "lengths": distribution, "fill": round(total_len / (batch_size * max_len), 2)}
 
 
+_COMPILED_FLEX = []
+
+
+def flex_for_packed_rows(offsets):
+    """FlexAttention compiled once per process (one compile per shape: the sweeps' shapes all
+    differ, so recompiles are allowed), and each token's row [T] for same-row masks over the
+    packed sequence."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not _COMPILED_FLEX:
+        torch._dynamo.config.recompile_limit = 64
+        warnings.filterwarnings("ignore", message="_compile flag on create_block_mask")
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    row = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
+    return _COMPILED_FLEX[0], row
+
+
 def bench(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median time of fn() in milliseconds: triton.testing.do_bench on the GPU (CUDA events,
     cache flushed between runs), a host clock on the CPU."""

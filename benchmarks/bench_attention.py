@@ -29,15 +29,14 @@ forward + backward. Peak memory is for forward + backward, above the inputs.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 import jagged
 from jagged.ops import attention
-from _common import (bench, bench_graph, bench_main, jagged_inputs, ON_GPU, padded_to_dense, padded_to_jagged,
-                     peak_memory_mib, print_table, save)
+from _common import (ON_GPU, bench, bench_graph, bench_main, flex_for_packed_rows, jagged_inputs, padded_to_dense,
+                     padded_to_jagged, peak_memory_mib, print_table, save)
 
 # (B, max_L, H, D, lengths, causal): the shared peer-baseline shapes, then causal ones.
 GPU_CASES = [
@@ -135,17 +134,10 @@ class FlashVarlen:
 class Flex:
     """FlexAttention over the packed [1, H, T, D] sequence, masked to pairs in the same row."""
 
-    compiled = None
-
     def __init__(self, offsets, total_len, causal):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        if Flex.compiled is None:
-            # One compile per shape (the sweep's shapes all differ); allow them all.
-            torch._dynamo.config.recompile_limit = 64
-            warnings.filterwarnings("ignore", message="_compile flag on create_block_mask")
-            Flex.compiled = torch.compile(flex_attention, dynamic=False)
-        row = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
+        self.compiled, row = flex_for_packed_rows(offsets)
 
         def same_row(b, h, q_idx, kv_idx):
             ok = row[q_idx] == row[kv_idx]
@@ -159,7 +151,7 @@ class Flex:
 
     def __call__(self, q, k, v):
         packed = [x.transpose(0, 1)[None] for x in (q, k, v)]  # [1, H, T, D]
-        return Flex.compiled(*packed, block_mask=self.block_mask)[0].transpose(0, 1)
+        return self.compiled(*packed, block_mask=self.block_mask)[0].transpose(0, 1)
 
 
 GRAPH_METHODS = ("jagged", "fa2_varlen", "fa2_varlen_attn")

@@ -25,14 +25,13 @@ out of memory is reported as such.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 import jagged
 from jagged import JaggedTensor, reference
-from _common import (bench, bench_graph, bench_main, jagged_inputs, ON_GPU, padded_to_dense, padded_to_jagged,
-                     peak_memory_mib, print_table, save)
+from _common import (ON_GPU, bench, bench_graph, bench_main, flex_for_packed_rows, jagged_inputs, padded_to_dense,
+                     padded_to_jagged, peak_memory_mib, print_table, save)
 
 GPU_SHAPES = [(512, 256, 128, 4), (512, 1024, 128, 4), (512, 4096, 128, 4)]
 CPU_SHAPES = [(3, 24, 16, 2)]
@@ -98,16 +97,10 @@ class Flex:
     """FlexAttention over the packed [1, H, T, D] sequence: same-row causal block mask, bias as a
     score_mod (within a row, key index - query index is the key-minus-query distance)."""
 
-    compiled = None
-
     def __init__(self, offsets, total_len, bias):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        if Flex.compiled is None:
-            torch._dynamo.config.recompile_limit = 64
-            warnings.filterwarnings("ignore", message="_compile flag on create_block_mask")
-            Flex.compiled = torch.compile(flex_attention, dynamic=False)
-        row = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
+        self.compiled, row = flex_for_packed_rows(offsets)
 
         def same_row_causal(b, h, q_idx, kv_idx):
             return (row[q_idx] == row[kv_idx]) & (kv_idx <= q_idx)
@@ -128,7 +121,7 @@ class Flex:
 
     def __call__(self, q, k, v):
         packed = [x.transpose(0, 1)[None] for x in (q, k, v)]
-        return Flex.compiled(*packed, score_mod=self.score_mod, block_mask=self.block_mask,
+        return self.compiled(*packed, score_mod=self.score_mod, block_mask=self.block_mask,
                              kernel_options=self.kernel_options)[0].transpose(0, 1)
 
 
