@@ -259,6 +259,8 @@ def plot(rows, out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    if not rows:  # an interrupted run that measured nothing
+        return
     cases = list(dict.fromkeys((r["B"], r["max_L"], r["H"], r["D"], r["lengths"], r["causal"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(2, 1, figsize=(max(8, len(cases) * 1.1), 8))
