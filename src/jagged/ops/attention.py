@@ -471,18 +471,17 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     batch_size, heads = q_offsets.numel() - 1, q.shape[1]
     bias_grad = bias_grad and bias is not None
-    dbias = torch.zeros(bias.shape if bias_grad else (0,), dtype=torch.float32, device=q.device)
     if q.shape[0] == 0 or heads == 0:  # no query: nothing depends on k, v or the bias
-        return dq, dk.zero_(), dv.zero_(), dbias
+        return dq, dk.zero_(), dv.zero_(), torch.zeros(bias.shape if bias_grad else (0,), dtype=torch.float32,
+                                                      device=q.device)
     do = unit_last_stride(do)
     tiles = _tiles("backward", q.shape[2], v.shape[2], max_len)
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
     # Bias gradient: one row of partial sums per (dQ program, head), summed in a fixed order
     # afterwards (deterministic; faster than atomics, see accumulate_bias_grad).
-    bias_partial = dbias
-    if bias_grad:
-        bias_partial = torch.zeros((num_q_slots, *bias.shape), dtype=torch.float32, device=q.device)
+    bias_partial = torch.zeros((num_q_slots, *bias.shape) if bias_grad else (0,), dtype=torch.float32,
+                               device=q.device)
     delta = lse
     if activation == 0:
         delta = torch.empty_like(lse)
@@ -498,16 +497,13 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1),
         stride_lh=lse.stride(0), stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), stride_dkt=dk.stride(0),
         stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
-        stride_dbs=bias_partial.stride(0) if bias_partial.dim() == 3 else 0,
-        stride_dbh=bias_partial.stride(-2) if bias_partial.dim() >= 2 else 0,
+        stride_dbs=bias_partial.stride(0) if bias_grad else 0, stride_dbh=bias_partial.stride(1) if bias_grad else 0,
         BIAS_GRAD=bias_grad,
         **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
                            dropout_p, seed),
         **tiles,
     )
-    if bias_partial is not dbias:
-        dbias = bias_partial.sum(0)
-    return dq, dk, dv, dbias
+    return dq, dk, dv, bias_partial.sum(0) if bias_grad else bias_partial
 
 
 @_attention_backward.register_fake
@@ -648,6 +644,21 @@ def _check_generalized_arguments(q, q_offsets, activation, norm, bias, num_targe
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
 
 
+def _jagged_rows(q, k, v) -> Optional[int]:
+    """Check that q, k, v are JaggedTensors and v has k's rows; return the longest row of q and k
+    if both JaggedTensors know it (no sync), else None. Their offsets were checked when they were
+    built (or the caller opted out)."""
+    from ..tensor import JaggedTensor
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, JaggedTensor):
+            raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
+    check_same_rows(v, k, "v", "k")
+    q_max, k_max = q.known_max_len, k.known_max_len
+    # A comparison, not max(): under torch.compile they may be symbolic.
+    return None if q_max is None or k_max is None else k_max if k_max > q_max else q_max
+
+
 def jagged_attention(q, k, v, *, activation: str = "softmax", scale: float | None = None, norm: float | None = None,
                      causal: bool = False, bias: torch.Tensor | None = None, num_targets: torch.Tensor | None = None,
                      contextual_len: int = 0, window: int | None = None, dropout_p: float = 0.0,
@@ -713,12 +724,7 @@ def jagged_attention(q, k, v, *, activation: str = "softmax", scale: float | Non
         >>> out = jagged.jagged_attention(x, x, x, activation="silu", causal=True, contextual_len=2,
         ...                               num_targets=candidates_per_row, bias=rel_bias)
     """
-    from ..tensor import JaggedTensor
-
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, JaggedTensor):
-            raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
-    check_same_rows(v, k, "v", "k")
+    max_len = _jagged_rows(q, k, v)
     qv, kv, vv = q.values, k.values, v.values
     _check_attention_inputs(qv, kv, vv, q.offsets, k.offsets)
     _check_generalized_arguments(qv, q.offsets, activation, norm, bias, num_targets, contextual_len, window,
@@ -735,8 +741,6 @@ def jagged_attention(q, k, v, *, activation: str = "softmax", scale: float | Non
                                          contextual_len=contextual_len, window=window, dropout_p=dropout_p,
                                          dropout_keep=keep)
         return q.with_values(out)
-    q_max, k_max = q.known_max_len, k.known_max_len
-    max_len = None if q_max is None or k_max is None else k_max if k_max > q_max else q_max
     qv, kv, vv = (unit_last_stride(x) for x in (qv, kv, vv))
     if bias is not None:
         bias = unit_last_stride(bias)
@@ -820,17 +824,7 @@ def jagged_flash_attention(q, k, v, *, causal: bool = False, scale: float | None
         ...                                    for n in (100, 3, 0, 250)])
         >>> out = jagged.jagged_flash_attention(x, x, x, causal=True)    # values [353, 4, 64]
     """
-    from ..tensor import JaggedTensor
-
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, JaggedTensor):
-            raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
-    check_same_rows(v, k, "v", "k")
-    # A JaggedTensor's offsets were checked when it was built (or the caller opted out).
-    q_max, k_max = q.known_max_len, k.known_max_len
-    # The longer of the two, if both are known (a comparison, not max(): under torch.compile they
-    # may be symbolic).
-    max_len = None if q_max is None or k_max is None else k_max if k_max > q_max else q_max
+    max_len = _jagged_rows(q, k, v)
     out = jagged_flash_attention_values(q.values, k.values, v.values, q.offsets, k.offsets, causal=causal, scale=scale,
                                         validate=False, max_len=max_len)
     return q.with_values(out)
