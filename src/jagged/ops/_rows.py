@@ -6,9 +6,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_key(offsets_ptr, row, mask, SLOT_BLOCK: tl.constexpr):
+    """The search key of row(s) ``row`` (where ``mask``): offsets[row], or its work-slot start
+    (see find_row)."""
+    key = tl.load(offsets_ptr + row, mask=mask, other=0).to(tl.int64)
+    if SLOT_BLOCK > 0:
+        key = key // SLOT_BLOCK + row
+    return key
+
+
+@triton.jit
 def find_row(offsets_ptr, target, batch_size, search_steps, SLOT_BLOCK: tl.constexpr):
     """Row b in [0, B) with key(b) <= target < key(b+1), by ``search_steps`` = ceil(log2 B)
-    halvings (a scalar or a vector of int64 targets).
+    halvings, for a vector of int64 targets (tokens: SLOT_BLOCK == 0).
 
     SLOT_BLOCK == 0: key(b) = offsets[b], so ``target`` is a token index.
     SLOT_BLOCK > 0: key(b) = offsets[b] // SLOT_BLOCK + b, so ``target`` is a work slot. Row b owns
@@ -20,12 +30,27 @@ def find_row(offsets_ptr, target, batch_size, search_steps, SLOT_BLOCK: tl.const
     hi = lo + batch_size
     for _ in range(search_steps):
         mid = (lo + hi) // 2
-        key = tl.load(offsets_ptr + mid).to(tl.int64)
-        if SLOT_BLOCK > 0:
-            key = key // SLOT_BLOCK + mid
-        go_right = key <= target
+        go_right = _row_key(offsets_ptr, mid, mid < hi, SLOT_BLOCK) <= target
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid)
+    return lo
+
+
+@triton.jit
+def find_slot_row(offsets_ptr, slot, batch_size, search_stride, SLOT_BLOCK: tl.constexpr):
+    """find_row for one scalar work slot, by a 32-way search: each level loads 32 keys at once
+    and keeps the last one <= slot, so B = 1024 rows take 2 dependent loads instead of 10 (a
+    program's first instructions wait on them). ``search_stride`` = 32^(levels - 1) with 32^levels
+    >= B (ops/_utils.py: slot_search_stride)."""
+    lo = slot * 0
+    stride = search_stride + lo
+    while stride > 0:
+        probe = lo + tl.arange(0, 32).to(tl.int64) * stride
+        inside = probe < batch_size
+        below = inside & (_row_key(offsets_ptr, probe, inside, SLOT_BLOCK) <= slot)
+        # Keys do not decrease, so the probes <= slot are a prefix (probe 0 = lo always is one).
+        lo += (tl.sum(below.to(tl.int64), 0) - 1) * stride
+        stride = stride // 32
     return lo
 
 
@@ -48,10 +73,10 @@ def load_row_chunk(ptr, begin, start, length, cols, col_ok, stride_t, other, BLO
 
 
 @triton.jit
-def row_block(offsets_ptr, slot, batch_size, search_steps, BLOCK: tl.constexpr):
+def row_block(offsets_ptr, slot, batch_size, search_stride, BLOCK: tl.constexpr):
     """For a work slot (see find_row): its row, the row's begin and length, and the index of the
     slot's block in that row (>= the row's block count for a spare slot, which does nothing)."""
-    row = find_row(offsets_ptr, slot, batch_size, search_steps, BLOCK)
+    row = find_slot_row(offsets_ptr, slot, batch_size, search_stride, BLOCK)
     begin, length = row_span(offsets_ptr, row)
     return row, begin, length, slot - (begin // BLOCK + row)
 
@@ -67,10 +92,10 @@ def square_tile_offsets(square_begin, length, rows, cols, TRANSPOSE: tl.constexp
 
 
 @triton.jit
-def square_block_lines(offsets_ptr, square_offsets_ptr, slot, batch_size, search_steps, BLOCK_M: tl.constexpr):
+def square_block_lines(offsets_ptr, square_offsets_ptr, slot, batch_size, search_stride, BLOCK_M: tl.constexpr):
     """For a work slot over blocks of BLOCK_M lines (see find_row): whether it has lines (a
     spare slot has none), its row's begin and length, where the row's jagged2 block starts, and
     the slot's line indices."""
-    row, begin, length, block = row_block(offsets_ptr, slot, batch_size, search_steps, BLOCK_M)
+    row, begin, length, block = row_block(offsets_ptr, slot, batch_size, search_stride, BLOCK_M)
     square_begin = tl.load(square_offsets_ptr + row)
     return block * BLOCK_M < length, begin, length, square_begin, block * BLOCK_M + tl.arange(0, BLOCK_M)

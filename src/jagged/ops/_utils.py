@@ -39,6 +39,15 @@ def binary_search_steps(batch_size: int) -> int:
     return 0 if batch_size <= 1 else math.ceil(math.log2(batch_size))
 
 
+def slot_search_stride(batch_size: int) -> int:
+    """The first level's stride of find_slot_row's 32-way search over ``batch_size`` rows:
+    32^(levels - 1), the fewest levels with 32^levels >= batch_size."""
+    stride = 1
+    while stride * 32 < batch_size:
+        stride *= 32
+    return stride
+
+
 def check_tensor(x, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -26,8 +26,8 @@ from ._attention_scores import (accumulate_bias_grad, dropout_keep, finish_bias_
                                 pointwise_activation_grad, query_range, relative_bias, visible)
 from ._library import jagged_op
 from ._rows import row_block, row_span
-from ._utils import (TRITON_INTERPRETER, binary_search_steps, check_max_len, check_offsets, check_offsets_content, check_same_rows,
-                     check_tensor, dot_precision, next_power_of_2, unit_last_stride, use_triton)
+from ._utils import (TRITON_INTERPRETER, check_max_len, check_offsets, check_offsets_content, check_same_rows, check_tensor,
+                     dot_precision, next_power_of_2, slot_search_stride, unit_last_stride, use_triton)
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -100,10 +100,10 @@ def _score_grad(w, s, ok, dp, delta, ACTIVATION: tl.constexpr):
     return tl.where(ok, dp * pointwise_activation_grad(s, ACTIVATION), 0.0)
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_steps", "contextual_len", "window", "max_distance", "seed"])
+@triton.jit(do_not_specialize=["batch_size", "search_stride", "contextual_len", "window", "max_distance", "seed"])
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr,
-    batch_size, search_steps, qk_scale, norm, head_dim, head_dim_v,
+    batch_size, search_stride, qk_scale, norm, head_dim, head_dim_v,
     contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_vt, stride_vh, stride_ot, stride_oh, stride_lh, stride_bh,
@@ -113,7 +113,7 @@ def _attention_forward_kernel(
     PRECISION: tl.constexpr,
 ):
     head = tl.program_id(1).to(tl.int64)
-    row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps, BLOCK_M)
+    row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_stride, BLOCK_M)
     if block * BLOCK_M >= q_len:
         return
     k_begin, k_len = row_span(k_offsets_ptr, row)
@@ -188,7 +188,7 @@ def _attention_backward_delta_kernel(
 @triton.jit
 def _backward_dkdv(
     slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
-    bias_ptr, targets_ptr, batch_size, search_steps, qk_scale, scale, norm, head_dim, head_dim_v,
+    bias_ptr, targets_ptr, batch_size, search_stride, qk_scale, scale, norm, head_dim, head_dim_v,
     contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -198,7 +198,7 @@ def _backward_dkdv(
     PRECISION: tl.constexpr,
 ):
     """dK, dV of one block of one row's keys: stream over the row's queries."""
-    row, k_begin, k_len, block = row_block(k_offsets_ptr, slot, batch_size, search_steps, BLOCK_N)
+    row, k_begin, k_len, block = row_block(k_offsets_ptr, slot, batch_size, search_stride, BLOCK_N)
     if block * BLOCK_N < k_len:
         q_begin, q_len = row_span(q_offsets_ptr, row)
         n_targets = _row_targets(targets_ptr, row, k_len, HAS_TARGETS)
@@ -251,7 +251,7 @@ def _backward_dkdv(
 @triton.jit
 def _backward_dq(
     slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr, q_offsets_ptr, k_offsets_ptr,
-    bias_ptr, targets_ptr, batch_size, search_steps, qk_scale, scale, norm, head_dim, head_dim_v,
+    bias_ptr, targets_ptr, batch_size, search_stride, qk_scale, scale, norm, head_dim, head_dim_v,
     contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
@@ -262,7 +262,7 @@ def _backward_dq(
 ):
     """dQ of one block of one row's queries: stream over the row's keys. With a bias gradient,
     also the sums of dS along the tiles' diagonals (one per key-minus-query distance)."""
-    row, q_begin, q_len, block = row_block(q_offsets_ptr, slot, batch_size, search_steps, BLOCK_M)
+    row, q_begin, q_len, block = row_block(q_offsets_ptr, slot, batch_size, search_stride, BLOCK_M)
     if block * BLOCK_M < q_len:
         k_begin, k_len = row_span(k_offsets_ptr, row)
         n_targets = _row_targets(targets_ptr, row, k_len, HAS_TARGETS)
@@ -314,11 +314,11 @@ def _backward_dq(
                  mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_steps", "num_kv_slots", "contextual_len", "window",
+@triton.jit(do_not_specialize=["batch_size", "search_stride", "num_kv_slots", "contextual_len", "window",
                                "max_distance", "seed"])
 def _attention_backward_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr, q_offsets_ptr, k_offsets_ptr,
-    bias_ptr, targets_ptr, batch_size, search_steps, num_kv_slots, qk_scale, scale, norm, head_dim, head_dim_v,
+    bias_ptr, targets_ptr, batch_size, search_stride, num_kv_slots, qk_scale, scale, norm, head_dim, head_dim_v,
     contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -336,7 +336,7 @@ def _attention_backward_kernel(
     slot = tl.program_id(0).to(tl.int64)
     if slot < num_kv_slots:
         _backward_dkdv(slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                       q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, search_steps, qk_scale,
+                       q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, search_stride, qk_scale,
                        scale, norm, head_dim, head_dim_v, contextual_len, window, max_distance, dropout_p, seed,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -344,7 +344,7 @@ def _attention_backward_kernel(
                        KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     else:
         _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
-                     q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, search_steps, qk_scale,
+                     q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, search_stride, qk_scale,
                      scale, norm, head_dim, head_dim_v, contextual_len, window, max_distance, dropout_p, seed,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
@@ -439,7 +439,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
     grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, q_offsets, k_offsets,
-        batch_size=batch_size, search_steps=binary_search_steps(batch_size), head_dim=head_dim,
+        batch_size=batch_size, search_stride=slot_search_stride(batch_size), head_dim=head_dim,
         head_dim_v=head_dim_v, stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0),
         stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0),
         stride_oh=out.stride(1), stride_lh=lse.stride(0),
@@ -491,7 +491,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
     _attention_backward_kernel[(num_kv_slots + num_q_slots, heads)](
         q, k, v, do, lse, delta, dq, dk, dv, bias_partial, q_offsets, k_offsets,
-        batch_size=batch_size, search_steps=binary_search_steps(batch_size), num_kv_slots=num_kv_slots, scale=scale,
+        batch_size=batch_size, search_stride=slot_search_stride(batch_size), num_kv_slots=num_kv_slots, scale=scale,
         head_dim=q.shape[2], head_dim_v=v.shape[2],
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1),
@@ -758,11 +758,11 @@ def attention_dropout_shape(q, k) -> tuple[int, int, int, int]:
     return (q_lengths.numel(), q.values.shape[1], max_q, max_k)
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_steps", "seed"])
-def _dropout_mask_kernel(keep_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, search_steps, dropout_p, seed,
+@triton.jit(do_not_specialize=["batch_size", "search_stride", "seed"])
+def _dropout_mask_kernel(keep_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, search_stride, dropout_p, seed,
                          stride_kb, stride_kh, stride_ki, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     head = tl.program_id(1).to(tl.int64)
-    row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_steps,
+    row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_stride,
                                            BLOCK_M)
     if block * BLOCK_M < q_len:
         k_begin, k_len = row_span(k_offsets_ptr, row)
@@ -786,7 +786,7 @@ def attention_dropout_mask(q, k, *, dropout_p: float, seed: int) -> torch.Tensor
     batch_size, total_q, block = q.offsets.numel() - 1, q.values.shape[0], 16
     if keep.numel():
         _dropout_mask_kernel[(batch_size + total_q // block, keep.shape[1])](
-            keep, q.offsets, k.offsets, batch_size, binary_search_steps(batch_size), float(dropout_p), seed,
+            keep, q.offsets, k.offsets, batch_size, slot_search_stride(batch_size), float(dropout_p), seed,
             *keep.stride()[:3], BLOCK_M=block, BLOCK_N=16)
     return keep.bool()
 
