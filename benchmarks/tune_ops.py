@@ -10,7 +10,7 @@ import argparse
 import torch
 import triton.testing
 
-from _common import jagged_inputs
+from _common import bench_graph, jagged_inputs
 from jagged.ops import bmm, softmax
 
 SHAPES = [(1024, 512, 128), (256, 1024, 256)]  # B, max_L, D (the issue's shapes)
@@ -21,8 +21,8 @@ BMM = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
     (64, 128, 64, 4, 2), (32, 128, 128, 4, 2), (32, 256, 64, 4, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 3),
 ]
 SOFTMAX = [  # tile bytes, max columns per program, num_warps
-    (8192, 64, 4), (16384, 64, 4), (4096, 64, 4), (8192, 32, 4), (4096, 32, 2), (16384, 128, 8), (8192, 64, 8),
-    (32768, 64, 8), (32768, 64, 4), (32768, 128, 8), (16384, 32, 4),
+    (16384, 64, 4), (8192, 64, 4), (4096, 64, 4), (8192, 32, 4), (4096, 32, 2), (16384, 128, 8), (8192, 64, 8),
+    (32768, 64, 8), (32768, 128, 8), (16384, 32, 4), (8192, 128, 4), (16384, 128, 4),
 ]
 
 
@@ -48,17 +48,21 @@ def sweep_bmm(kernel, values, offsets, dense, label):
 
 
 def sweep_softmax(values, offsets, label):
+    """Forward and backward launchers, timed as CUDA-graph replays (kernels of tens of us: eager
+    timing would measure the host's launch cost)."""
     nbytes = 2 * values.numel() * values.element_size()
     default_launch = softmax.row_walk_launch
-    expected = softmax._JaggedSoftmax.apply(values, offsets).float()
+    expected = softmax._softmax_forward(values, offsets).float()
+    grad = torch.randn_like(values)
     for config in SOFTMAX:
         softmax.row_walk_launch = lambda o, v, tile_bytes=None, c=config: default_launch(o, v, *c)
         try:
-            fn = lambda: softmax._JaggedSoftmax.apply(values, offsets)  # noqa: E731
-            err = float((fn().float() - expected).norm() / expected.norm())
-            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-            print(f"{label} softmax {config}: {ms * 1000:8.1f} us {nbytes / ms / 1e6:7.0f} GB/s rel.diff {err:.1e}",
-                  flush=True)
+            y = softmax._softmax_forward(values, offsets)
+            err = float((y.float() - expected).norm() / expected.norm())
+            fwd = bench_graph(lambda: softmax._softmax_forward(values, offsets))
+            bwd = bench_graph(lambda: softmax._softmax_backward(y, grad, offsets))
+            print(f"{label} softmax {config}: fwd {fwd * 1000:7.1f} us {nbytes / fwd / 1e6:5.0f} GB/s, "
+                  f"bwd {bwd * 1000:7.1f} us {1.5 * nbytes / bwd / 1e6:5.0f} GB/s, rel.diff {err:.1e}", flush=True)
         finally:
             softmax.row_walk_launch = default_launch
 

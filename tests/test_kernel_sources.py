@@ -45,18 +45,25 @@ def test_kernels_read_no_plain_python_globals(module, fn):
     assert not bad, f"{fn.__name__} reads plain Python globals {bad}: use tl.constexpr or a kernel argument"
 
 
+def _assigned_names(stmts):
+    return {t.id for n in stmts for a in ast.walk(n) if isinstance(a, ast.Assign)
+            for target in a.targets for t in ast.walk(target) if isinstance(t, ast.Name)}
+
+
 def loop_carried_discards(stmts, defined):
-    """Lines of loops that assign ``_`` while an enclosing scope already did. Names assigned in
-    a loop body stay inside it (Triton does not carry them out); ``if`` bodies leak outwards."""
+    """Lines of loops and ifs that assign ``_`` while an enclosing scope already did (a runtime
+    ``if`` merges its branches' names with the earlier ones, as a loop carries them). Names
+    assigned in a loop body stay inside it (Triton does not carry them out); ``if`` bodies leak
+    outwards."""
     found = []
     for stmt in stmts:
         if isinstance(stmt, (ast.For, ast.While)):
-            inner = {t.id for n in stmt.body for a in ast.walk(n) if isinstance(a, ast.Assign)
-                     for target in a.targets for t in ast.walk(target) if isinstance(t, ast.Name)}
-            if "_" in inner and "_" in defined:
+            if "_" in _assigned_names(stmt.body) and "_" in defined:
                 found.append(stmt.lineno)
             found += loop_carried_discards(stmt.body, set(defined))
         elif isinstance(stmt, ast.If):
+            if "_" in _assigned_names(stmt.body + stmt.orelse) and "_" in defined:
+                found.append(stmt.lineno)
             found += loop_carried_discards(stmt.body, defined)
             found += loop_carried_discards(stmt.orelse, defined)
         elif isinstance(stmt, ast.Assign):
@@ -68,7 +75,7 @@ def loop_carried_discards(stmts, defined):
 def test_discarded_names_are_not_loop_carried(module, fn):
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     lines = loop_carried_discards(tree.body[0].body, set())
-    assert not lines, f"{fn.__name__}: '_' is assigned before the loop at line(s) {lines} and inside it"
+    assert not lines, f"{fn.__name__}: '_' is assigned before the loop / if at line(s) {lines} and inside it"
 
 
 def test_the_check_finds_kernels():

@@ -8,13 +8,13 @@ import triton.language as tl
 
 from helpers import DEVICE, make_offsets
 from jagged.ops._rows import row_block
-from jagged.ops._utils import slot_search_stride
+from jagged.ops._utils import slot_search
 
 
 @triton.jit
-def _row_block_kernel(offsets_ptr, out_ptr, batch_size, search_stride, BLOCK: tl.constexpr):
+def _row_block_kernel(offsets_ptr, out_ptr, batch_size, row_search, BLOCK: tl.constexpr, WIDE_SEARCH: tl.constexpr):
     slot = tl.program_id(0).to(tl.int64)
-    row, begin, length, block = row_block(offsets_ptr, slot, batch_size, search_stride, BLOCK)
+    row, begin, length, block = row_block(offsets_ptr, slot, batch_size, row_search, BLOCK, WIDE_SEARCH)
     tl.store(out_ptr + 2 * slot, row)
     tl.store(out_ptr + 2 * slot + 1, block)
 
@@ -33,7 +33,8 @@ def expected_slots(lengths, block):
 
 @pytest.mark.parametrize("batch_size", [1, 2, 31, 32, 33, 100, 1023, 1025, 1100])
 @pytest.mark.parametrize("block", [4, 16])
-def test_row_block_finds_every_slot_row(batch_size, block):
+@pytest.mark.parametrize("wide", [True, False], ids=["32-way", "binary"])
+def test_row_block_finds_every_slot_row(batch_size, block, wide):
     generator = torch.Generator().manual_seed(batch_size * block)
     lengths = torch.randint(0, 3 * block, (batch_size,), generator=generator)
     lengths[torch.rand(batch_size, generator=generator) < 0.3] = 0  # empty rows own a spare slot
@@ -42,9 +43,11 @@ def test_row_block_finds_every_slot_row(batch_size, block):
     offsets = make_offsets(lengths)
     assert len(slots) == batch_size + sum(lengths) // block  # the grid every launcher uses
     out = torch.full((len(slots), 2), -1, dtype=torch.int64, device=DEVICE)
-    _row_block_kernel[(len(slots),)](offsets, out, batch_size, slot_search_stride(batch_size), BLOCK=block)
+    _row_block_kernel[(len(slots),)](offsets, out, batch_size, slot_search(batch_size, wide), BLOCK=block,
+                                     WIDE_SEARCH=wide)
     assert out.cpu().tolist() == [list(s) for s in slots]
 
 
-def test_search_stride_levels():
-    assert [slot_search_stride(b) for b in (1, 32, 33, 1024, 1025, 32768, 32769)] == [1, 1, 32, 32, 1024, 1024, 32768]
+def test_search_levels():
+    assert [slot_search(b) for b in (1, 32, 33, 1024, 1025, 32768, 32769)] == [1, 1, 32, 32, 1024, 1024, 32768]
+    assert [slot_search(b, wide=False) for b in (1, 2, 3, 1024, 1025)] == [0, 1, 2, 10, 11]

@@ -43,14 +43,19 @@ def test_rows_sum_to_one_and_large_equal_values_are_stable():
     assert_close(out.values, expected, tol=torch.float32)
 
 
-def test_infinities_and_nan_propagate_like_torch():
-    values = random_values((5, 3), torch.float32)
-    values[0:2, 0] = float("-inf")     # row 0, column 0 all -inf -> NaN, as torch.softmax
-    values[2, 1] = float("-inf")       # one -inf in row 1 -> weight 0 there
-    values[3, 2] = float("nan")        # NaN in row 1, column 2 -> that column NaN
-    x = JaggedTensor(values, make_offsets([2, 3]))
+@pytest.mark.parametrize("long_rows", [False, True], ids=["short", "long"])
+def test_infinities_and_nan_propagate_like_torch(long_rows):
+    # Long rows take several chunks (of 4 tokens under the interpreter, 64-256 on the GPU): the
+    # running max passes through chunks all -inf in a column.
+    first, second = (2, 3) if not long_rows else (300, 301)
+    values = random_values((first + second, 3), torch.float32)
+    values[0:first, 0] = float("-inf")               # row 0, column 0 all -inf -> NaN, as torch.softmax
+    values[first, 1] = float("-inf")                 # one -inf in row 1 -> weight 0 there
+    values[first + 1, 2] = float("nan")              # NaN in row 1, column 2 -> that column NaN
+    values[first + 2:first + second - 1, 0] = float("-inf")  # row 1, column 0 -inf but at the ends
+    x = JaggedTensor(values, make_offsets([first, second]))
     out = jagged.jagged_softmax(x).values
-    expected = torch.cat([torch.softmax(values[:2], 0), torch.softmax(values[2:], 0)])
+    expected = torch.cat([torch.softmax(values[:first], 0), torch.softmax(values[first:], 0)])
     assert torch.equal(out.isnan(), expected.isnan())
     ok = ~expected.isnan()
     assert_close(out[ok], expected[ok], tol=torch.float32)

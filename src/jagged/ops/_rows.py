@@ -41,7 +41,7 @@ def find_slot_row(offsets_ptr, slot, batch_size, search_stride, SLOT_BLOCK: tl.c
     """find_row for one scalar work slot, by a 32-way search: each level loads 32 keys at once
     and keeps the last one <= slot, so B = 1024 rows take 2 dependent loads instead of 10 (a
     program's first instructions wait on them). ``search_stride`` = 32^(levels - 1) with 32^levels
-    >= B (ops/_utils.py: slot_search_stride)."""
+    >= B (ops/_utils.py: slot_search)."""
     lo = slot * 0
     stride = search_stride + lo
     while stride > 0:
@@ -73,10 +73,15 @@ def load_row_chunk(ptr, begin, start, length, cols, col_ok, stride_t, other, BLO
 
 
 @triton.jit
-def row_block(offsets_ptr, slot, batch_size, search_stride, BLOCK: tl.constexpr):
+def row_block(offsets_ptr, slot, batch_size, row_search, BLOCK: tl.constexpr, WIDE_SEARCH: tl.constexpr):
     """For a work slot (see find_row): its row, the row's begin and length, and the index of the
-    slot's block in that row (>= the row's block count for a spare slot, which does nothing)."""
-    row = find_slot_row(offsets_ptr, slot, batch_size, search_stride, BLOCK)
+    slot's block in that row (>= the row's block count for a spare slot, which does nothing).
+    ``row_search`` = ops/_utils.py: slot_search(B, WIDE_SEARCH): the 32-way search's first stride,
+    or the binary search's steps (the attention backward kept it: measured faster there)."""
+    if WIDE_SEARCH:
+        row = find_slot_row(offsets_ptr, slot, batch_size, row_search, BLOCK)
+    else:
+        row = find_row(offsets_ptr, slot, batch_size, row_search, BLOCK)
     begin, length = row_span(offsets_ptr, row)
     return row, begin, length, slot - (begin // BLOCK + row)
 
@@ -92,10 +97,10 @@ def square_tile_offsets(square_begin, length, rows, cols, TRANSPOSE: tl.constexp
 
 
 @triton.jit
-def square_block_lines(offsets_ptr, square_offsets_ptr, slot, batch_size, search_stride, BLOCK_M: tl.constexpr):
+def square_block_lines(offsets_ptr, square_offsets_ptr, slot, batch_size, row_search, BLOCK_M: tl.constexpr):
     """For a work slot over blocks of BLOCK_M lines (see find_row): whether it has lines (a
     spare slot has none), its row's begin and length, where the row's jagged2 block starts, and
     the slot's line indices."""
-    row, begin, length, block = row_block(offsets_ptr, slot, batch_size, search_stride, BLOCK_M)
+    row, begin, length, block = row_block(offsets_ptr, slot, batch_size, row_search, BLOCK_M, True)
     square_begin = tl.load(square_offsets_ptr + row)
     return block * BLOCK_M < length, begin, length, square_begin, block * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -39,9 +39,12 @@ def binary_search_steps(batch_size: int) -> int:
     return 0 if batch_size <= 1 else math.ceil(math.log2(batch_size))
 
 
-def slot_search_stride(batch_size: int) -> int:
-    """The first level's stride of find_slot_row's 32-way search over ``batch_size`` rows:
-    32^(levels - 1), the fewest levels with 32^levels >= batch_size."""
+def slot_search(batch_size: int, wide: bool = True) -> int:
+    """The ``row_search`` argument of ops/_rows.py: row_block over ``batch_size`` rows: for the
+    32-way search (``wide``), its first level's stride 32^(levels - 1), the fewest levels with
+    32^levels >= batch_size; else the binary search's steps."""
+    if not wide:
+        return binary_search_steps(batch_size)
     stride = 1
     while stride * 32 < batch_size:
         stride *= 32

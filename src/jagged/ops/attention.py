@@ -27,7 +27,7 @@ from ._attention_scores import (accumulate_bias_grad, dropout_keep, finish_bias_
 from ._library import jagged_op
 from ._rows import row_block, row_span
 from ._utils import (TRITON_INTERPRETER, check_max_len, check_offsets, check_offsets_content, check_same_rows, check_tensor,
-                     dot_precision, next_power_of_2, slot_search_stride, unit_last_stride, use_triton)
+                     dot_precision, next_power_of_2, slot_search, unit_last_stride, use_triton)
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -100,20 +100,21 @@ def _score_grad(w, s, ok, dp, delta, ACTIVATION: tl.constexpr):
     return tl.where(ok, dp * pointwise_activation_grad(s, ACTIVATION), 0.0)
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_stride", "contextual_len", "window", "max_distance", "seed"])
+@triton.jit(do_not_specialize=["batch_size", "row_search", "contextual_len", "window", "max_distance", "seed"])
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr,
-    batch_size, search_stride, qk_scale, norm, head_dim, head_dim_v,
+    batch_size, row_search, qk_scale, norm, head_dim, head_dim_v,
     contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_vt, stride_vh, stride_ot, stride_oh, stride_lh, stride_bh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE_SEARCH: tl.constexpr,
 ):
     head = tl.program_id(1).to(tl.int64)
-    row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_stride, BLOCK_M)
+    row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search, BLOCK_M,
+                                           WIDE_SEARCH)
     if block * BLOCK_M >= q_len:
         return
     k_begin, k_len = row_span(k_offsets_ptr, row)
@@ -188,17 +189,17 @@ def _attention_backward_delta_kernel(
 @triton.jit
 def _backward_dkdv(
     slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
-    bias_ptr, targets_ptr, batch_size, search_stride, qk_scale, scale, norm, head_dim, head_dim_v,
+    bias_ptr, targets_ptr, batch_size, row_search, qk_scale, scale, norm, head_dim, head_dim_v,
     contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE_SEARCH: tl.constexpr,
 ):
     """dK, dV of one block of one row's keys: stream over the row's queries."""
-    row, k_begin, k_len, block = row_block(k_offsets_ptr, slot, batch_size, search_stride, BLOCK_N)
+    row, k_begin, k_len, block = row_block(k_offsets_ptr, slot, batch_size, row_search, BLOCK_N, WIDE_SEARCH)
     if block * BLOCK_N < k_len:
         q_begin, q_len = row_span(q_offsets_ptr, row)
         n_targets = _row_targets(targets_ptr, row, k_len, HAS_TARGETS)
@@ -251,18 +252,18 @@ def _backward_dkdv(
 @triton.jit
 def _backward_dq(
     slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr, q_offsets_ptr, k_offsets_ptr,
-    bias_ptr, targets_ptr, batch_size, search_stride, qk_scale, scale, norm, head_dim, head_dim_v,
+    bias_ptr, targets_ptr, batch_size, row_search, qk_scale, scale, norm, head_dim, head_dim_v,
     contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
     BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr, WIDE_SEARCH: tl.constexpr,
 ):
     """dQ of one block of one row's queries: stream over the row's keys. With a bias gradient,
     also the sums of dS along the tiles' diagonals (one per key-minus-query distance)."""
-    row, q_begin, q_len, block = row_block(q_offsets_ptr, slot, batch_size, search_stride, BLOCK_M)
+    row, q_begin, q_len, block = row_block(q_offsets_ptr, slot, batch_size, row_search, BLOCK_M, WIDE_SEARCH)
     if block * BLOCK_M < q_len:
         k_begin, k_len = row_span(k_offsets_ptr, row)
         n_targets = _row_targets(targets_ptr, row, k_len, HAS_TARGETS)
@@ -314,11 +315,11 @@ def _backward_dq(
                  mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_stride", "num_kv_slots", "contextual_len", "window",
+@triton.jit(do_not_specialize=["batch_size", "row_search", "num_kv_slots", "contextual_len", "window",
                                "max_distance", "seed"])
 def _attention_backward_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr, q_offsets_ptr, k_offsets_ptr,
-    bias_ptr, targets_ptr, batch_size, search_stride, num_kv_slots, qk_scale, scale, norm, head_dim, head_dim_v,
+    bias_ptr, targets_ptr, batch_size, row_search, num_kv_slots, qk_scale, scale, norm, head_dim, head_dim_v,
     contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -327,7 +328,7 @@ def _attention_backward_kernel(
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
     BIAS_GRAD: tl.constexpr, KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
     Q_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE_SEARCH: tl.constexpr,
 ):
     # One launch for dK, dV and dQ (launches dominate short rows): slots [0, num_kv_slots) own key
     # blocks (dK, dV), the rest own query blocks (dQ). Each dQ, dK, dV element is written by
@@ -336,28 +337,36 @@ def _attention_backward_kernel(
     slot = tl.program_id(0).to(tl.int64)
     if slot < num_kv_slots:
         _backward_dkdv(slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                       q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, search_stride, qk_scale,
+                       q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, row_search, qk_scale,
                        scale, norm, head_dim, head_dim_v, contextual_len, window, max_distance, dropout_p, seed,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                        CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH,
-                       KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+                       KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, WIDE_SEARCH)
     else:
         _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
-                     q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, search_stride, qk_scale,
+                     q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, row_search, qk_scale,
                      scale, norm, head_dim, head_dim_v, contextual_len, window, max_distance, dropout_p, seed,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
                      CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH,
-                     BIAS_GRAD, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
+                     BIAS_GRAD, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION, WIDE_SEARCH)
 
 
 # Rows at most this long take the short-row tiles (when the caller knows max_len).
 SHORT_ROWS = 512
 
 
+# Which row search (ops/_rows.py: row_block) each kernel's programs start with. Measured on the
+# H100 (graph replay, B=256 max_L=256 D=64): the 32-way search helped the forward a little and
+# slowed the backward (f+b 82 -> 93 us skew, 177 -> 215 us unif), so the backward keeps the
+# binary one.
+WIDE_SEARCH = {"forward": True, "backward": False}
+
+
 def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None) -> dict:
     tiles = _block_sizes(kernel, head_dim, head_dim_v, max_len)
+    tiles["WIDE_SEARCH"] = WIDE_SEARCH[kernel]
     if kernel == "backward":  # the dQ tiles' diagonals, for the bias gradient
         tiles["BLOCK_W"] = next_power_of_2(tiles["Q_BLOCK_M"] + tiles["Q_BLOCK_N"] - 1)
     return tiles
@@ -439,7 +448,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
     grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, q_offsets, k_offsets,
-        batch_size=batch_size, search_stride=slot_search_stride(batch_size), head_dim=head_dim,
+        batch_size=batch_size, row_search=slot_search(batch_size, tiles["WIDE_SEARCH"]), head_dim=head_dim,
         head_dim_v=head_dim_v, stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0),
         stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0),
         stride_oh=out.stride(1), stride_lh=lse.stride(0),
@@ -491,7 +500,8 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
     _attention_backward_kernel[(num_kv_slots + num_q_slots, heads)](
         q, k, v, do, lse, delta, dq, dk, dv, bias_partial, q_offsets, k_offsets,
-        batch_size=batch_size, search_stride=slot_search_stride(batch_size), num_kv_slots=num_kv_slots, scale=scale,
+        batch_size=batch_size, row_search=slot_search(batch_size, tiles["WIDE_SEARCH"]), num_kv_slots=num_kv_slots,
+        scale=scale,
         head_dim=q.shape[2], head_dim_v=v.shape[2],
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1),
@@ -758,12 +768,12 @@ def attention_dropout_shape(q, k) -> tuple[int, int, int, int]:
     return (q_lengths.numel(), q.values.shape[1], max_q, max_k)
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_stride", "seed"])
-def _dropout_mask_kernel(keep_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, search_stride, dropout_p, seed,
+@triton.jit(do_not_specialize=["batch_size", "row_search", "seed"])
+def _dropout_mask_kernel(keep_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, row_search, dropout_p, seed,
                          stride_kb, stride_kh, stride_ki, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     head = tl.program_id(1).to(tl.int64)
-    row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_stride,
-                                           BLOCK_M)
+    row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search,
+                                           BLOCK_M, True)
     if block * BLOCK_M < q_len:
         k_begin, k_len = row_span(k_offsets_ptr, row)
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -786,7 +796,7 @@ def attention_dropout_mask(q, k, *, dropout_p: float, seed: int) -> torch.Tensor
     batch_size, total_q, block = q.offsets.numel() - 1, q.values.shape[0], 16
     if keep.numel():
         _dropout_mask_kernel[(batch_size + total_q // block, keep.shape[1])](
-            keep, q.offsets, k.offsets, batch_size, slot_search_stride(batch_size), float(dropout_p), seed,
+            keep, q.offsets, k.offsets, batch_size, slot_search(batch_size), float(dropout_p), seed,
             *keep.stride()[:3], BLOCK_M=block, BLOCK_N=16)
     return keep.bool()
 

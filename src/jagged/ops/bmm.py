@@ -16,19 +16,19 @@ from .. import reference
 from ._library import jagged_op
 from ._rows import row_block, row_span
 from ._utils import (TRITON_INTERPRETER, cdiv, check_jagged_matrix, check_same_rows, check_tensor, dot_precision,
-                     slot_search_stride, use_triton)
+                     slot_search, use_triton)
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_stride"])
+@triton.jit(do_not_specialize=["batch_size", "row_search"])
 def _jagged_dense_bmm_kernel(
-    x_ptr, y_ptr, out_ptr, offsets_ptr, batch_size, search_stride, k_dim, n_dim,
+    x_ptr, y_ptr, out_ptr, offsets_ptr, batch_size, row_search, k_dim, n_dim,
     stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program per (block of BLOCK_M tokens of one row, block of output columns): the row's
     # tokens times the row's own [K, N] matrix. Work slots cover real tokens only (see find_row).
-    row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_stride,
-                                          BLOCK_M)
+    row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search,
+                                          BLOCK_M, True)
     if block * BLOCK_M < length:
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         tokens = begin + offs_m
@@ -116,7 +116,7 @@ def _launch_jagged_dense_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Te
     tiles = _dense_bmm_tiles(k_dim, n_dim, x.element_size())
     grid = (batch_size + total // tiles["BLOCK_M"], cdiv(n_dim, tiles["BLOCK_N"]))
     _jagged_dense_bmm_kernel[grid](
-        x, y, out, offsets, batch_size, slot_search_stride(batch_size), k_dim, n_dim,
+        x, y, out, offsets, batch_size, slot_search(batch_size), k_dim, n_dim,
         *x.stride(), *y.stride(), *out.stride(), PRECISION=dot_precision(x.dtype), **tiles)
     return out
 

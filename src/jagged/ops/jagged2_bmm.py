@@ -19,19 +19,19 @@ from .. import reference
 from ._library import jagged_op
 from ._rows import square_block_lines, square_tile_offsets
 from ._utils import (TRITON_INTERPRETER, cdiv, check_jagged2, check_jagged_matrix, check_same_rows, dot_precision,
-                     slot_search_stride, unit_last_stride, use_triton)
+                     slot_search, unit_last_stride, use_triton)
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_stride"])
+@triton.jit(do_not_specialize=["batch_size", "row_search"])
 def _jagged_jagged_bmm_jagged_out_kernel(
-    x_ptr, y_ptr, out_ptr, offsets_ptr, square_offsets_ptr, batch_size, search_stride, k_dim,
+    x_ptr, y_ptr, out_ptr, offsets_ptr, square_offsets_ptr, batch_size, row_search, k_dim,
     stride_xt, stride_xk, stride_yt, stride_yk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program per block of BLOCK_M positions i of one row (work slots, see find_row): entries
     # (i, j) for every j of the row, BLOCK_N at a time. Grid over real work, no max_len needed.
     active, begin, length, square_begin, offs_m = square_block_lines(
-        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_stride, BLOCK_M)
+        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search, BLOCK_M)
     if active:
         m_ok = offs_m < length
         for n0 in range(0, length, BLOCK_N):
@@ -50,9 +50,9 @@ def _jagged_jagged_bmm_jagged_out_kernel(
                      acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_stride"])
+@triton.jit(do_not_specialize=["batch_size", "row_search"])
 def _jagged2_jagged_bmm_kernel(
-    p_ptr, v_ptr, out_ptr, offsets_ptr, square_offsets_ptr, batch_size, search_stride, n_dim,
+    p_ptr, v_ptr, out_ptr, offsets_ptr, square_offsets_ptr, batch_size, row_search, n_dim,
     stride_vt, stride_vn, stride_ot, stride_on,
     TRANSPOSE_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -60,7 +60,7 @@ def _jagged2_jagged_bmm_kernel(
     # One program per (block of BLOCK_M positions of one row, block of output columns): that
     # block of p_b (or p_b^T) times v_b, BLOCK_K of the row's positions per step.
     active, begin, length, square_begin, offs_m = square_block_lines(
-        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_stride, BLOCK_M)
+        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search, BLOCK_M)
     if active:
         m_ok = offs_m < length
         cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -97,7 +97,7 @@ def _launch_jagged_jagged_bmm_jagged_out(x: torch.Tensor, y: torch.Tensor, offse
     batch_size = offsets.numel() - 1
     tiles = _tiles(x.shape[1])
     _jagged_jagged_bmm_jagged_out_kernel[(batch_size + x.shape[0] // tiles["BLOCK_M"],)](
-        x, y, out, offsets, square_offsets, batch_size, slot_search_stride(batch_size), x.shape[1],
+        x, y, out, offsets, square_offsets, batch_size, slot_search(batch_size), x.shape[1],
         *x.stride(), *y.stride(), PRECISION=dot_precision(x.dtype), **tiles)
     return out
 
@@ -115,7 +115,7 @@ def _launch_jagged2_jagged_bmm(p: torch.Tensor, v: torch.Tensor, offsets: torch.
     tiles = _tiles(64, n_dim)  # the reduction runs over the row's positions
     grid = (batch_size + total // tiles["BLOCK_M"], cdiv(n_dim, tiles["BLOCK_N"]))
     _jagged2_jagged_bmm_kernel[grid](
-        p, v, out, offsets, square_offsets, batch_size, slot_search_stride(batch_size), n_dim,
+        p, v, out, offsets, square_offsets, batch_size, slot_search(batch_size), n_dim,
         *v.stride(), *out.stride(), TRANSPOSE_P=transpose_p, PRECISION=dot_precision(v.dtype), **tiles)
     return out
 

@@ -11,7 +11,7 @@ from .. import reference
 from ._library import jagged_op
 from ._online_softmax import online_softmax_step, softmax_weights
 from ._rows import square_block_lines, square_tile_offsets
-from ._utils import TRITON_INTERPRETER, check_jagged2, slot_search_stride, unit_last_stride, use_triton
+from ._utils import TRITON_INTERPRETER, check_jagged2, slot_search, unit_last_stride, use_triton
 
 
 @triton.jit
@@ -26,16 +26,16 @@ def _visible_tile(square_begin, length, offs_m, start, CAUSAL: tl.constexpr, BLO
     return square_tile_offsets(square_begin, length, offs_m, offs_n, False), inside, visible
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_stride"])
+@triton.jit(do_not_specialize=["batch_size", "row_search"])
 def _jagged2_softmax_forward_kernel(
-    s_ptr, y_ptr, offsets_ptr, square_offsets_ptr, batch_size, search_stride,
+    s_ptr, y_ptr, offsets_ptr, square_offsets_ptr, batch_size, row_search,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program per block of BLOCK_M lines of one row (work slots). Pass 1: online max and
     # rescaled sum; pass 2: normalise and write (0 at causally hidden entries). Line i always
     # sees j = i, so no line is empty.
     active, begin, length, square_begin, offs_m = square_block_lines(
-        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_stride, BLOCK_M)
+        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search, BLOCK_M)
     if active:
         # Causal lines end at i: stop at the block's last line.
         end = tl.minimum(length, tl.max(offs_m, 0) + 1) if CAUSAL else length
@@ -54,14 +54,14 @@ def _jagged2_softmax_forward_kernel(
             tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit(do_not_specialize=["batch_size", "search_stride"])
+@triton.jit(do_not_specialize=["batch_size", "row_search"])
 def _jagged2_softmax_backward_kernel(
-    y_ptr, dy_ptr, dx_ptr, offsets_ptr, square_offsets_ptr, batch_size, search_stride,
+    y_ptr, dy_ptr, dx_ptr, offsets_ptr, square_offsets_ptr, batch_size, row_search,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # dx = y * (dy - sum_j(y * dy)) per line; hidden entries have y = 0, so dx = 0 there.
     active, begin, length, square_begin, offs_m = square_block_lines(
-        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, search_stride, BLOCK_M)
+        offsets_ptr, square_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search, BLOCK_M)
     if active:
         end = tl.minimum(length, tl.max(offs_m, 0) + 1) if CAUSAL else length
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -84,7 +84,7 @@ def _launch(kernel, tensors, offsets, square_offsets, total_len, causal):
     block_m, block_n = (4, 8) if TRITON_INTERPRETER else (32, 128)
     batch_size = offsets.numel() - 1
     kernel[(batch_size + total_len // block_m,)](
-        *tensors, offsets, square_offsets, batch_size, slot_search_stride(batch_size),
+        *tensors, offsets, square_offsets, batch_size, slot_search(batch_size),
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
 
