@@ -14,8 +14,9 @@ import torch
 from _common import bench_graph, jagged_inputs
 from jagged.ops import attention
 
-SHAPES = [(64, 4096, 4, 64, "unif"), (256, 256, 4, 64, "skew"), (256, 512, 4, 64, "unif"),
-          (1024, 128, 2, 32, "skew"), (256, 256, 4, 128, "unif"), (64, 1024, 2, 128, "unif")]
+SHAPES = [(64, 4096, 4, 64, "unif"), (256, 256, 4, 64, "skew"), (256, 256, 4, 64, "unif"), (256, 512, 4, 64, "unif"),
+          (1024, 128, 2, 32, "skew"), (256, 256, 4, 128, "skew"), (256, 256, 4, 128, "unif"),
+          (64, 1024, 2, 128, "unif")]
 BACKWARD = [  # KV_BLOCK_M, KV_BLOCK_N, Q_BLOCK_M, Q_BLOCK_N, num_warps, num_stages
     (32, 64, 64, 32, 4, 2), (32, 64, 64, 32, 8, 2), (32, 128, 128, 32, 8, 2), (16, 64, 64, 16, 4, 2),
     (64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 3), (64, 128, 128, 64, 8, 2), (16, 128, 128, 16, 8, 2),
@@ -24,6 +25,7 @@ BACKWARD = [  # KV_BLOCK_M, KV_BLOCK_N, Q_BLOCK_M, Q_BLOCK_N, num_warps, num_sta
 FORWARD = [  # BLOCK_M, BLOCK_N, num_warps, num_stages
     (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 4, 2),
     (64, 128, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3), (32, 32, 2, 3), (16, 64, 2, 3), (16, 32, 2, 3),
+    (128, 32, 8, 2), (64, 32, 8, 2), (64, 16, 4, 3), (64, 32, 4, 2), (64, 32, 4, 4), (128, 64, 8, 2),
 ]
 
 
@@ -39,10 +41,11 @@ def main():
         qkv, offsets, total, _ = jagged_inputs(batch, max_len, (3, heads, head_dim), torch.bfloat16, dist)
         q, k, v = (x.contiguous() for x in qkv.unbind(1))
         scale = 1 / math.sqrt(head_dim)
-        out, lse = attention._attention_forward(q, k, v, offsets, offsets, False, scale)
+        longest = int(offsets.diff().max())
+        out, lse = attention._attention_forward(q, k, v, offsets, offsets, False, scale, longest)
         do = torch.randn_like(out)
-        expected = attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale)
-        cu, longest = offsets.int(), int(offsets.diff().max())
+        expected = attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale, longest)
+        cu = offsets.int()
         fa_args = (cu, cu, longest, longest, 0.0, False)
         fa_out, fa_lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, *fa_args, False, scale=scale)
         fa2_us = 1000 * bench_graph(
@@ -52,8 +55,8 @@ def main():
         print(f"B={batch} L={max_len} H={heads} D={head_dim} {dist} {args.kernel} FA2 varlen: {fa2_us:8.1f} us",
               flush=True)
         for config in (BACKWARD if args.kernel == "backward" else FORWARD):
-            def tiles(kernel, d, dv, config=config):
-                base = default_tiles(kernel, d, dv)
+            def tiles(kernel, d, dv, max_len=None, config=config):
+                base = default_tiles(kernel, d, dv, max_len)
                 if kernel != args.kernel:
                     return base
                 if kernel == "backward":
@@ -65,11 +68,12 @@ def main():
             attention._tiles = tiles
             try:
                 if args.kernel == "backward":
-                    fn = lambda: attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale)  # noqa: E731
+                    fn = lambda: attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale,  # noqa: E731
+                                                              longest)
                     got = fn()
                     err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got, expected))
                 else:
-                    fn = lambda: attention._attention_forward(q, k, v, offsets, offsets, False, scale)  # noqa: E731
+                    fn = lambda: attention._attention_forward(q, k, v, offsets, offsets, False, scale, longest)  # noqa: E731
                     err = float((fn()[0].float() - out.float()).norm() / out.float().norm())
                 ms = bench_graph(fn)
                 print(f"B={batch} L={max_len} H={heads} D={head_dim} {dist} {args.kernel} {config}: "
