@@ -77,7 +77,7 @@ def row_block(offsets_ptr, slot, batch_size, row_search, BLOCK: tl.constexpr, WI
     """For a work slot (see find_row): its row, the row's begin and length, and the index of the
     slot's block in that row (>= the row's block count for a spare slot, which does nothing).
     ``row_search`` = ops/_utils.py: slot_search(B, WIDE_SEARCH): the 32-way search's first stride,
-    or the binary search's steps (the attention backward kept it: measured faster there)."""
+    or the binary search's steps (the attention kernels kept it: measured faster there)."""
     if WIDE_SEARCH:
         row = find_slot_row(offsets_ptr, slot, batch_size, row_search, BLOCK)
     else:

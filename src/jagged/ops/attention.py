@@ -358,10 +358,11 @@ SHORT_ROWS = 512
 
 
 # Which row search (ops/_rows.py: row_block) each kernel's programs start with. Measured on the
-# H100 (graph replay, B=256 max_L=256 D=64): the 32-way search helped the forward a little and
-# slowed the backward (f+b 82 -> 93 us skew, 177 -> 215 us unif), so the backward keeps the
-# binary one.
-WIDE_SEARCH = {"forward": True, "backward": False}
+# H100 (graph replay, bf16, H=4, D=64): the 32-way search, which speeds up the batched matmuls,
+# helped the forward on short rows a little (27.6 -> 27.1 us at B=256 max_L=256 skew) but slowed
+# it on long rows (1351 -> 1430 us at B=64 max_L=4096, 409 -> 426 us at max_L=1024), and slowed
+# the backward (f+b 82 -> 93 us, 177 -> 215 us at max_L=256): binary for both.
+WIDE_SEARCH = {"forward": False, "backward": False}
 
 
 def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None) -> dict:
