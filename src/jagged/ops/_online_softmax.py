@@ -26,11 +26,3 @@ def softmax_weights(x, m, total, AXIS: tl.constexpr):
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     inv_total = 1.0 / total
     return tl.exp2(x * 1.4426950408889634 - tl.expand_dims(m_safe, AXIS)) * tl.expand_dims(inv_total, AXIS)
-
-
-@triton.jit
-def online_softmax_merge(m, total, m_other, total_other):
-    """Combine two (max, sum) pairs of online_softmax_step over disjoint parts of a line."""
-    m_new = tl.maximum(m, m_other)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, total * tl.exp2(m - m_safe) + total_other * tl.exp2(m_other - m_safe)

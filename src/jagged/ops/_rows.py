@@ -18,7 +18,7 @@ def _row_key(offsets_ptr, row, mask, SLOT_BLOCK: tl.constexpr):
 @triton.jit
 def find_row(offsets_ptr, target, batch_size, search_steps, SLOT_BLOCK: tl.constexpr):
     """Row b in [0, B) with key(b) <= target < key(b+1), by ``search_steps`` = ceil(log2 B)
-    halvings, for a vector of int64 targets (tokens: SLOT_BLOCK == 0).
+    halvings, for a scalar or a vector of int64 targets.
 
     SLOT_BLOCK == 0: key(b) = offsets[b], so ``target`` is a token index.
     SLOT_BLOCK > 0: key(b) = offsets[b] // SLOT_BLOCK + b, so ``target`` is a work slot. Row b owns

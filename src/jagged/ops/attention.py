@@ -100,6 +100,11 @@ def _score_grad(w, s, ok, dp, delta, ACTIVATION: tl.constexpr):
     return tl.where(ok, dp * pointwise_activation_grad(s, ACTIVATION), 0.0)
 
 
+# The attention kernels find a slot's row by the binary search (row_block(..., False)), not the
+# 32-way one the batched matmuls use. Measured on the H100 (graph replay, bf16, H=4, D=64): the
+# 32-way search helped the forward on short rows a little (27.6 -> 27.1 us at B=256 max_L=256
+# skew) but slowed it on long rows (1351 -> 1430 us at B=64 max_L=4096, 409 -> 426 us at
+# max_L=1024), and slowed the backward (f+b 82 -> 93 us, 177 -> 215 us at max_L=256).
 @triton.jit(do_not_specialize=["batch_size", "row_search", "contextual_len", "window", "max_distance", "seed"])
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr,
@@ -110,11 +115,11 @@ def _attention_forward_kernel(
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, WIDE_SEARCH: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     head = tl.program_id(1).to(tl.int64)
     row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search, BLOCK_M,
-                                           WIDE_SEARCH)
+                                           False)
     if block * BLOCK_M >= q_len:
         return
     k_begin, k_len = row_span(k_offsets_ptr, row)
@@ -196,10 +201,10 @@ def _backward_dkdv(
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, WIDE_SEARCH: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dK, dV of one block of one row's keys: stream over the row's queries."""
-    row, k_begin, k_len, block = row_block(k_offsets_ptr, slot, batch_size, row_search, BLOCK_N, WIDE_SEARCH)
+    row, k_begin, k_len, block = row_block(k_offsets_ptr, slot, batch_size, row_search, BLOCK_N, False)
     if block * BLOCK_N < k_len:
         q_begin, q_len = row_span(q_offsets_ptr, row)
         n_targets = _row_targets(targets_ptr, row, k_len, HAS_TARGETS)
@@ -259,11 +264,11 @@ def _backward_dq(
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
     BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr, WIDE_SEARCH: tl.constexpr,
+    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ of one block of one row's queries: stream over the row's keys. With a bias gradient,
     also the sums of dS along the tiles' diagonals (one per key-minus-query distance)."""
-    row, q_begin, q_len, block = row_block(q_offsets_ptr, slot, batch_size, row_search, BLOCK_M, WIDE_SEARCH)
+    row, q_begin, q_len, block = row_block(q_offsets_ptr, slot, batch_size, row_search, BLOCK_M, False)
     if block * BLOCK_M < q_len:
         k_begin, k_len = row_span(k_offsets_ptr, row)
         n_targets = _row_targets(targets_ptr, row, k_len, HAS_TARGETS)
@@ -328,7 +333,7 @@ def _attention_backward_kernel(
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
     BIAS_GRAD: tl.constexpr, KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
     Q_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
-    PRECISION: tl.constexpr, WIDE_SEARCH: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # One launch for dK, dV and dQ (launches dominate short rows): slots [0, num_kv_slots) own key
     # blocks (dK, dV), the rest own query blocks (dQ). Each dQ, dK, dV element is written by
@@ -342,7 +347,7 @@ def _attention_backward_kernel(
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                        CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH,
-                       KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, WIDE_SEARCH)
+                       KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     else:
         _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
                      q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, row_search, qk_scale,
@@ -350,24 +355,15 @@ def _attention_backward_kernel(
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
                      CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH,
-                     BIAS_GRAD, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION, WIDE_SEARCH)
+                     BIAS_GRAD, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
 
 
 # Rows at most this long take the short-row tiles (when the caller knows max_len).
 SHORT_ROWS = 512
 
 
-# Which row search (ops/_rows.py: row_block) each kernel's programs start with. Measured on the
-# H100 (graph replay, bf16, H=4, D=64): the 32-way search, which speeds up the batched matmuls,
-# helped the forward on short rows a little (27.6 -> 27.1 us at B=256 max_L=256 skew) but slowed
-# it on long rows (1351 -> 1430 us at B=64 max_L=4096, 409 -> 426 us at max_L=1024), and slowed
-# the backward (f+b 82 -> 93 us, 177 -> 215 us at max_L=256): binary for both.
-WIDE_SEARCH = {"forward": False, "backward": False}
-
-
 def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None) -> dict:
     tiles = _block_sizes(kernel, head_dim, head_dim_v, max_len)
-    tiles["WIDE_SEARCH"] = WIDE_SEARCH[kernel]
     if kernel == "backward":  # the dQ tiles' diagonals, for the bias gradient
         tiles["BLOCK_W"] = next_power_of_2(tiles["Q_BLOCK_M"] + tiles["Q_BLOCK_N"] - 1)
     return tiles
@@ -449,7 +445,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
     grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, q_offsets, k_offsets,
-        batch_size=batch_size, row_search=slot_search(batch_size, tiles["WIDE_SEARCH"]), head_dim=head_dim,
+        batch_size=batch_size, row_search=slot_search(batch_size, wide=False), head_dim=head_dim,
         head_dim_v=head_dim_v, stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0),
         stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0),
         stride_oh=out.stride(1), stride_lh=lse.stride(0),
@@ -501,9 +497,8 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
     _attention_backward_kernel[(num_kv_slots + num_q_slots, heads)](
         q, k, v, do, lse, delta, dq, dk, dv, bias_partial, q_offsets, k_offsets,
-        batch_size=batch_size, row_search=slot_search(batch_size, tiles["WIDE_SEARCH"]), num_kv_slots=num_kv_slots,
-        scale=scale,
-        head_dim=q.shape[2], head_dim_v=v.shape[2],
+        batch_size=batch_size, row_search=slot_search(batch_size, wide=False), num_kv_slots=num_kv_slots,
+        scale=scale, head_dim=q.shape[2], head_dim_v=v.shape[2],
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1),
         stride_lh=lse.stride(0), stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), stride_dkt=dk.stride(0),
