@@ -17,12 +17,12 @@ from jagged.ops import attention
 SHAPES = [(64, 4096, 4, 64, "unif"), (256, 256, 4, 64, "skew"), (256, 256, 4, 64, "unif"), (256, 512, 4, 64, "unif"),
           (1024, 128, 2, 32, "skew"), (256, 256, 4, 128, "skew"), (256, 256, 4, 128, "unif"),
           (64, 1024, 2, 128, "unif")]
-BACKWARD = [  # KV_BLOCK_M, KV_BLOCK_N, Q_BLOCK_M, Q_BLOCK_N, num_warps, num_stages
+BACKWARD = [  # KV_BLOCK_M, KV_BLOCK_N, Q_BLOCK_M, Q_BLOCK_N, num_warps, num_stages[, UNMASKED_TILES]
     (32, 64, 64, 32, 4, 2), (32, 64, 64, 32, 8, 2), (32, 128, 128, 32, 8, 2), (16, 64, 64, 16, 4, 2),
     (64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 3), (64, 128, 128, 64, 8, 2), (16, 128, 128, 16, 8, 2),
     (16, 32, 32, 16, 4, 3), (32, 32, 32, 32, 4, 3), (16, 32, 32, 16, 2, 3), (16, 64, 64, 16, 4, 3),
 ]
-FORWARD = [  # BLOCK_M, BLOCK_N, num_warps, num_stages
+FORWARD = [  # BLOCK_M, BLOCK_N, num_warps, num_stages[, UNMASKED_TILES]
     (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 4, 2),
     (64, 128, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3), (32, 32, 2, 3), (16, 64, 2, 3), (16, 32, 2, 3),
     (128, 32, 8, 2), (64, 32, 8, 2), (64, 16, 4, 3), (64, 32, 4, 2), (64, 32, 4, 4), (128, 64, 8, 2),
@@ -55,14 +55,15 @@ def main():
         print(f"B={batch} L={max_len} H={heads} D={head_dim} {dist} {args.kernel} FA2 varlen: {fa2_us:8.1f} us",
               flush=True)
         for config in (BACKWARD if args.kernel == "backward" else FORWARD):
-            def tiles(kernel, d, dv, max_len=None, config=config):
-                base = default_tiles(kernel, d, dv, max_len)
+            def tiles(kernel, d, dv, max_len=None, hstu_mask=False, config=config):
+                base = default_tiles(kernel, d, dv, max_len, hstu_mask)
                 if kernel != args.kernel:
                     return base
                 if kernel == "backward":
-                    keys = ("KV_BLOCK_M", "KV_BLOCK_N", "Q_BLOCK_M", "Q_BLOCK_N", "num_warps", "num_stages")
+                    keys = ("KV_BLOCK_M", "KV_BLOCK_N", "Q_BLOCK_M", "Q_BLOCK_N", "num_warps", "num_stages",
+                            "UNMASKED_TILES")
                 else:
-                    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+                    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "UNMASKED_TILES")
                 return {**base, **dict(zip(keys, config))}
 
             attention._tiles = tiles

@@ -1,28 +1,31 @@
-"""Sweep tile configs of the batched-matmul and softmax kernels on the GPU (median launcher
-time, do_bench), each config's output checked against the default config's. One line per
-(shape, kernel, config); the winners go into ops/bmm.py (*_tiles) and ops/softmax.py.
+"""Sweep tile configs of the batched-matmul and softmax kernels on the GPU (median time of
+CUDA-graph replays of the launcher: kernels of tens of us, whose eager timing would include the
+host's launch cost), each config's output checked against the default config's. One line per
+(shape, kernel, config); the winners go into ops/bmm.py (*_tiles) and ops/softmax.py. A config's
+optional last entry caps the registers per thread (Triton's ``maxnreg``): more programs per SM.
 
-    python benchmarks/tune_ops.py [--kernel jagged_dense_bmm|jagged_jagged_bmm|softmax]
+    python benchmarks/tune_ops.py [--kernel jagged_dense_bmm|jagged_jagged_bmm|softmax] [--lengths unif|skew]
 """
 
 import argparse
 
 import torch
-import triton.testing
 
 from _common import bench_graph, jagged_inputs
 from jagged.ops import bmm, softmax
 
 SHAPES = [(1024, 512, 128), (256, 1024, 256)]  # B, max_L, D (the issue's shapes)
-BMM = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-    (64, 128, 64, 4, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3),
-    (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4),
-    (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (32, 128, 64, 4, 3), (64, 128, 128, 4, 2), (128, 128, 128, 8, 2),
-    (64, 128, 64, 4, 2), (32, 128, 128, 4, 2), (32, 256, 64, 4, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 3),
+BMM = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, maxnreg]
+    (64, 128, 64, 4, 2), (64, 128, 64, 4, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
+    (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 64, 4, 3), (32, 128, 64, 4, 3),
+    (64, 128, 128, 4, 2), (64, 128, 64, 8, 2), (64, 128, 64, 8, 3), (64, 128, 32, 4, 2, 96), (64, 128, 64, 4, 2, 96),
+    (64, 128, 32, 8, 3), (64, 256, 64, 8, 2), (64, 256, 32, 8, 3), (64, 256, 32, 8, 4), (128, 256, 64, 8, 2),
+    (128, 256, 32, 8, 3), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3, 96), (32, 256, 64, 4, 3),
 ]
-SOFTMAX = [  # tile bytes, max columns per program, num_warps
-    (16384, 64, 4), (8192, 64, 4), (4096, 64, 4), (8192, 32, 4), (4096, 32, 2), (16384, 128, 8), (8192, 64, 8),
-    (32768, 64, 8), (32768, 128, 8), (16384, 32, 4), (8192, 128, 4), (16384, 128, 4),
+SOFTMAX = [  # tile bytes, max columns per program, num_warps[, maxnreg]
+    (16384, 64, 4), (16384, 64, 8), (16384, 64, 4, 96), (16384, 64, 4, 80), (16384, 64, 4, 64), (16384, 64, 8, 64),
+    (8192, 64, 4), (8192, 64, 4, 64), (32768, 64, 8), (32768, 64, 8, 96), (16384, 128, 8), (16384, 32, 4),
+    (16384, 32, 4, 64), (8192, 32, 2),
 ]
 
 
@@ -35,16 +38,22 @@ def sweep_bmm(kernel, values, offsets, dense, label):
     default_tiles = getattr(bmm, tiles_name)
     for config in BMM:
         setattr(bmm, tiles_name,
-                lambda a, b, e, c=config: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c)))
+                lambda a, b, e, c=config: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
+                                                    "maxnreg"), c)))
         try:
             err = float((launch(*args).float() - expected).norm() / expected.norm())
-            ms = triton.testing.do_bench(lambda: launch(*args), warmup=25, rep=100, return_mode="median")
+            ms = bench_graph(lambda: launch(*args))
             print(f"{label} {kernel} {config}: {ms * 1000:8.1f} us {flops / ms / 1e9:6.1f} TFLOP/s rel.diff {err:.1e}",
                   flush=True)
         except Exception as e:  # out of shared memory / registers for this config
             print(f"{label} {kernel} {config}: failed ({type(e).__name__})", flush=True)
         finally:
             setattr(bmm, tiles_name, default_tiles)
+
+
+def with_register_cap(launch, cap):
+    grid, tiles = launch
+    return grid, dict(tiles, maxnreg=cap[0]) if cap else tiles
 
 
 def sweep_softmax(values, offsets, label):
@@ -55,7 +64,8 @@ def sweep_softmax(values, offsets, label):
     expected = softmax._softmax_forward(values, offsets).float()
     grad = torch.randn_like(values)
     for config in SOFTMAX:
-        softmax.row_walk_launch = lambda o, v, tile_bytes=None, c=config: default_launch(o, v, *c)
+        softmax.row_walk_launch = lambda o, v, tile_bytes=None, c=config: with_register_cap(default_launch(o, v, *c[:3]),
+                                                                                              c[3:])
         try:
             y = softmax._softmax_forward(values, offsets)
             err = float((y.float() - expected).norm() / expected.norm())
@@ -70,9 +80,11 @@ def sweep_softmax(values, offsets, label):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--kernel", choices=["jagged_dense_bmm", "jagged_jagged_bmm", "softmax"], action="append")
-    kernels = parser.parse_args().kernel or ["jagged_dense_bmm", "jagged_jagged_bmm", "softmax"]
+    parser.add_argument("--lengths", choices=["unif", "skew"], action="append")
+    args = parser.parse_args()
+    kernels = args.kernel or ["jagged_dense_bmm", "jagged_jagged_bmm", "softmax"]
     for batch, max_len, dim in SHAPES:
-        for dist in ("unif", "skew"):
+        for dist in args.lengths or ("unif", "skew"):
             values, offsets, _, _ = jagged_inputs(batch, max_len, dim, torch.bfloat16, dist)
             dense = torch.randn(batch, dim, dim, device=values.device).to(values.dtype)
             label = f"B={batch} L={max_len} D={dim} {dist} bf16"

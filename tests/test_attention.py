@@ -175,6 +175,23 @@ def test_max_len_picks_tiles_not_results(max_len):
         assert_close(got, expected, tol=tolerance(torch.float32), name="gradient")
 
 
+@pytest.mark.parametrize("unmasked_tiles", [False, True], ids=["masked-only", "unmasked-first"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_unmasked_tile_loops(monkeypatch, unmasked_tiles, causal, cross):
+    """The kernels may run the tiles every query sees whole without a mask (UNMASKED_TILES, a
+    tile choice): both settings must match the reference, with rows of several whole tiles, a
+    partial last tile, L_q > L_k and L_q < L_k (the causal diagonal off a tile boundary)."""
+    from jagged.ops import attention
+
+    default_tiles = attention._tiles
+    monkeypatch.setattr(attention, "_tiles", lambda *args: {**default_tiles(*args), "UNMASKED_TILES": unmasked_tiles})
+    q_lengths = [200, 7, 0, 129, 64] if ON_GPU else [40, 7, 0, 33, 16]
+    k_lengths = [150, 7, 3, 190, 64] if ON_GPU else [29, 7, 3, 50, 16]
+    check_attention(q_lengths, k_lengths if cross else q_lengths, 2, 32, 32, torch.float32, causal,
+                    self_attention=not cross)
+
+
 def test_bad_max_len():
     x = random_values((9, 2, 16), torch.float32)
     offsets = make_offsets([4, 5])

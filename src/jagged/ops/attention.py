@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._attention_scores import (accumulate_bias_grad, dropout_keep, finish_bias_grad, key_range, pointwise_activation,
-                                pointwise_activation_grad, query_range, relative_bias, visible)
+from ._attention_scores import (accumulate_bias_grad, dropout_keep, finish_bias_grad, full_key_tiles_end,
+                                full_query_tiles_start, key_range, pointwise_activation, pointwise_activation_grad,
+                                query_range, relative_bias, visible)
 from ._library import jagged_op
 from ._rows import row_block, row_span
 from ._utils import (TRITON_INTERPRETER, check_max_len, check_offsets, check_offsets_content, check_same_rows, check_tensor,
@@ -67,11 +68,12 @@ def _row_inverse_norm(k_len, norm, ACTIVATION: tl.constexpr, NORM_BY_LENGTH: tl.
 @triton.jit
 def _score_tile(qk, qi, kj, q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window,
                 qk_scale, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                ACTIVATION: tl.constexpr):
+                ACTIVATION: tl.constexpr, MASKED: tl.constexpr):
     """Scores (base 2 for softmax: qk_scale holds log2 e) and the visibility mask of a tile of raw
     q.k products, queries ``qi`` x keys ``kj`` (row indices, broadcastable 2-D). Positions and
     lengths go to int32 here: rows are shorter than 2^31, and per-element int64 arithmetic is
-    twice the instructions."""
+    twice the instructions. Not MASKED (a tile the caller knows to be wholly visible): the mask
+    is a constant True, which the compiler folds away with the selects on it."""
     qi, kj = qi.to(tl.int32), kj.to(tl.int32)
     q_len, k_len, n_targets = q_len.to(tl.int32), k_len.to(tl.int32), n_targets.to(tl.int32)
     s = qk * qk_scale
@@ -80,7 +82,11 @@ def _score_tile(qk, qi, kj, q_len, k_len, head, bias_ptr, stride_bh, max_distanc
         if ACTIVATION == 0:
             bias = bias * 1.4426950408889634  # log2(e): the softmax runs in base 2
         s = s + bias
-    return s, visible(qi, kj, q_len, k_len, n_targets, contextual_len, window, CAUSAL, HSTU_MASK)
+    if MASKED:
+        ok = visible(qi, kj, q_len, k_len, n_targets, contextual_len, window, CAUSAL, HSTU_MASK)
+    else:
+        ok = tl.full([1, 1], 1, tl.int1)
+    return s, ok
 
 
 @triton.jit
@@ -100,6 +106,44 @@ def _score_grad(w, s, ok, dp, delta, ACTIVATION: tl.constexpr):
     return tl.where(ok, dp * pointwise_activation_grad(s, ACTIVATION), 0.0)
 
 
+@triton.jit
+def _forward_tile(
+    acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v,
+    stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len,
+    window, qk_scale, dropout_p, seed, CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key tile of the forward: the online softmax's running max m_i, sum l_i and output acc
+    (or the pointwise weights' sum) updated with keys [start_n, start_n + BLOCK_N)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < k_len
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
+    v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
+    s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :],
+                        q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets,
+                        contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, MASKED)
+    if ACTIVATION == 0:
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A query with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    else:
+        w = tl.where(ok, pointwise_activation(s, ACTIVATION), 0.0)
+    if DROPOUT:  # dropped after the softmax's sum: the kept weights are rescaled, not renormalised
+        keep = dropout_keep(seed, tokens[:, None], (k_begin + offs_n)[None, :], head, dropout_p)
+        w = tl.where(keep, w * (1.0 / (1.0 - dropout_p)), 0.0)
+    acc += tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_i, l_i
+
+
 # The attention kernels find a slot's row by the binary search (row_block(..., False)), not the
 # 32-way one the batched matmuls use. Measured on the H100 (graph replay, bf16, H=4, D=64): the
 # 32-way search helped the forward on short rows a little (27.6 -> 27.1 us at B=256 max_L=256
@@ -113,7 +157,7 @@ def _attention_forward_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_vt, stride_vh, stride_ot, stride_oh, stride_lh, stride_bh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -135,30 +179,23 @@ def _attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     start_n, end_n = key_range(block * BLOCK_M, tl.minimum(block * BLOCK_M + BLOCK_M, q_len) - 1, q_len, k_len,
                                n_targets, contextual_len, window, CAUSAL, HSTU_MASK, BLOCK_N)
-    for start_n in range(start_n, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < k_len
-        k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
-        v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
-        s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :],
-                            q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets,
-                            contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION)
-        if ACTIVATION == 0:
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A query with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            w = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(w, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        else:
-            w = tl.where(ok, pointwise_activation(s, ACTIVATION), 0.0)
-        if DROPOUT:  # dropped after the softmax's sum: the kept weights are rescaled, not renormalised
-            keep = dropout_keep(seed, tokens[:, None], (k_begin + offs_n)[None, :], head, dropout_p)
-            w = tl.where(keep, w * (1.0 / (1.0 - dropout_p)), 0.0)
-        acc += tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+    # Tiles every query of the block sees whole (in the row, and before the causal diagonal)
+    # first, without a mask; then the rest (the diagonal, the row's last partial tile), masked.
+    full_end = start_n
+    if UNMASKED_TILES:
+        full_end = full_key_tiles_end(start_n, end_n, block * BLOCK_M, q_len, k_len, CAUSAL, HSTU_MASK, BLOCK_N)
+        for start_n in range(start_n, full_end, BLOCK_N):
+            acc, m_i, l_i = _forward_tile(
+                acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim,
+                head_dim_v, stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets,
+                contextual_len, window, qk_scale, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT,
+                False, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+    for start_n in range(full_end, end_n, BLOCK_N):
+        acc, m_i, l_i = _forward_tile(
+            acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v,
+            stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len,
+            window, qk_scale, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, True,
+            BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
 
     if ACTIVATION == 0:
         seen = l_i > 0
@@ -192,6 +229,82 @@ def _attention_backward_delta_kernel(
 
 
 @triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, start_m, offs_n, k_tokens, q_ptr, do_ptr, lse_ptr, delta_ptr, q_begin, q_len, k_len, head,
+    head_dim, head_dim_v, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, bias_ptr, stride_bh,
+    max_distance, n_targets, contextual_len, window, qk_scale, dropout_p, seed, CAUSAL: tl.constexpr,
+    ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dK, dV of a key block updated with queries [start_m, start_m + BLOCK_M). Queries past the
+    row load as zeros with lse = +inf and delta = 0: their weights and dO are 0, so they add
+    nothing even unmasked."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    query_ok = offs_m < q_len
+    tokens = q_begin + offs_m
+    q_t = _load_tile(q_ptr, tokens, query_ok, head, tl.arange(0, BLOCK_D), head_dim, stride_qt, stride_qh, True)
+    do = _load_tile(do_ptr, tokens, query_ok, head, tl.arange(0, BLOCK_DV), head_dim_v, stride_dot, stride_doh, False)
+    # Transposed tiles [N, M]: keys down, queries across.
+    s_t, ok_t = _score_tile(tl.dot(k, q_t, input_precision=PRECISION), offs_m[None, :], offs_n[:, None],
+                            q_len, k_len, head, bias_ptr, stride_bh, max_distance,
+                            n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS,
+                            ACTIVATION, MASKED)
+    lse = tl.zeros([BLOCK_M], dtype=tl.float32)
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ACTIVATION == 0:
+        lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + head * stride_lh + tokens, mask=query_ok, other=0.0)
+    w_t = _attention_weights(s_t, ok_t, lse[None, :], ACTIVATION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if DROPOUT:
+        keep = dropout_keep(seed, tokens[None, :], k_tokens[:, None], head, dropout_p)
+        dropout_scale = 1.0 / (1.0 - dropout_p)
+        dv += tl.dot(tl.where(keep, w_t * dropout_scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+    else:
+        dv += tl.dot(w_t.to(do.dtype), do, input_precision=PRECISION)
+    ds_t = _score_grad(w_t, s_t, ok_t, dp_t, delta[None, :], ACTIVATION)
+    dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dq_tile(
+    dq, clamped_low, clamped_high, q, do, lse, delta, start_n, offs_m, tokens, first_query, grad_row, k_ptr, v_ptr,
+    k_begin, q_len, k_len, head, head_dim, head_dim_v, stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr,
+    stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, inv_norm, dropout_p, seed,
+    CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dQ of a query block (and its bias-gradient diagonal sums) updated with keys
+    [start_n, start_n + BLOCK_N)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < k_len
+    k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, tl.arange(0, BLOCK_D), head_dim, stride_kt, stride_kh,
+                     True)
+    v_t = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, tl.arange(0, BLOCK_DV), head_dim_v, stride_vt,
+                     stride_vh, True)
+    s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :],
+                        q_len, k_len, head, bias_ptr, stride_bh, max_distance,
+                        n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, MASKED)
+    w = _attention_weights(s, ok, lse[:, None], ACTIVATION)
+    dp = tl.dot(do, v_t, input_precision=PRECISION)
+    if DROPOUT:
+        keep = dropout_keep(seed, tokens[:, None], (k_begin + offs_n)[None, :], head, dropout_p)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = _score_grad(w, s, ok, dp, delta[:, None], ACTIVATION)
+    dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+    if BIAS_GRAD:
+        first_rel = start_n - (first_query + k_len - q_len) - (BLOCK_M - 1)
+        clamped_low, clamped_high = accumulate_bias_grad(
+            ds * inv_norm, first_rel, grad_row, max_distance, clamped_low, clamped_high, BLOCK_M, BLOCK_N, BLOCK_W)
+    return dq, clamped_low, clamped_high
+
+
+@triton.jit
 def _backward_dkdv(
     slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr,
     bias_ptr, targets_ptr, batch_size, row_search, qk_scale, scale, norm, head_dim, head_dim_v,
@@ -199,7 +312,7 @@ def _backward_dkdv(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -219,33 +332,25 @@ def _backward_dkdv(
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         start_m, end_m = query_range(block * BLOCK_N, tl.minimum(block * BLOCK_N + BLOCK_N, k_len) - 1, q_len, k_len,
                                      n_targets, contextual_len, window, CAUSAL, HSTU_MASK, HAS_TARGETS, BLOCK_M)
-        for start_m in range(start_m, end_m, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            query_ok = offs_m < q_len
-            tokens = q_begin + offs_m
-            q_t = _load_tile(q_ptr, tokens, query_ok, head, offs_d, head_dim, stride_qt, stride_qh, True)
-            do = _load_tile(do_ptr, tokens, query_ok, head, offs_dv, head_dim_v, stride_dot, stride_doh, False)
-            # Transposed tiles [N, M]: keys down, queries across.
-            s_t, ok_t = _score_tile(tl.dot(k, q_t, input_precision=PRECISION), offs_m[None, :], offs_n[:, None],
-                                    q_len, k_len, head, bias_ptr, stride_bh, max_distance,
-                                    n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS,
-                                    ACTIVATION)
-            lse = tl.zeros([BLOCK_M], dtype=tl.float32)
-            delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-            if ACTIVATION == 0:
-                lse = tl.load(lse_ptr + head * stride_lh + tokens, mask=query_ok, other=float("inf"))
-                delta = tl.load(delta_ptr + head * stride_lh + tokens, mask=query_ok, other=0.0)
-            w_t = _attention_weights(s_t, ok_t, lse[None, :], ACTIVATION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            if DROPOUT:
-                keep = dropout_keep(seed, tokens[None, :], k_tokens[:, None], head, dropout_p)
-                dropout_scale = 1.0 / (1.0 - dropout_p)
-                dv += tl.dot(tl.where(keep, w_t * dropout_scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
-                dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
-            else:
-                dv += tl.dot(w_t.to(do.dtype), do, input_precision=PRECISION)
-            ds_t = _score_grad(w_t, s_t, ok_t, dp_t, delta[None, :], ACTIVATION)
-            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+        # Query tiles on the causal diagonal first, masked; then those whose every query sees every
+        # key of the block, without a mask (see full_query_tiles_start).
+        full_start = end_m
+        if UNMASKED_TILES:
+            full_start = full_query_tiles_start(start_m, end_m, tl.minimum(block * BLOCK_N + BLOCK_N, k_len) - 1,
+                                                q_len, k_len, CAUSAL, HSTU_MASK, BLOCK_M)
+        for start_m in range(start_m, full_start, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, start_m, offs_n, k_tokens, q_ptr, do_ptr, lse_ptr, delta_ptr, q_begin, q_len, k_len,
+                head, head_dim, head_dim_v, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, bias_ptr,
+                stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, dropout_p, seed, CAUSAL,
+                ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, True, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
+        if UNMASKED_TILES:
+            for start_m in range(full_start, end_m, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, start_m, offs_n, k_tokens, q_ptr, do_ptr, lse_ptr, delta_ptr, q_begin, q_len,
+                    k_len, head, head_dim, head_dim_v, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
+                    bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, dropout_p, seed,
+                    CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, False, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
         inv_norm = _row_inverse_norm(k_len, norm, ACTIVATION, NORM_BY_LENGTH)
         tl.store(dk_ptr + k_tokens[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
                  (dk * (scale * inv_norm)).to(dk_ptr.dtype.element_ty),
@@ -262,7 +367,7 @@ def _backward_dq(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
     BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -293,26 +398,24 @@ def _backward_dq(
         clamped_high = tl.zeros([1], dtype=tl.float32)
         start_n, end_n = key_range(block * BLOCK_M, tl.minimum(block * BLOCK_M + BLOCK_M, q_len) - 1, q_len, k_len,
                                    n_targets, contextual_len, window, CAUSAL, HSTU_MASK, BLOCK_N)
-        for start_n in range(start_n, end_n, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < k_len
-            k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
-            v_t = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, True)
-            s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :],
-                                q_len, k_len, head, bias_ptr, stride_bh, max_distance,
-                                n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION)
-            w = _attention_weights(s, ok, lse[:, None], ACTIVATION)
-            dp = tl.dot(do, v_t, input_precision=PRECISION)
-            if DROPOUT:
-                keep = dropout_keep(seed, tokens[:, None], (k_begin + offs_n)[None, :], head, dropout_p)
-                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-            ds = _score_grad(w, s, ok, dp, delta[:, None], ACTIVATION)
-            dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
-            if BIAS_GRAD:
-                first_rel = start_n - (block * BLOCK_M + k_len - q_len) - (BLOCK_M - 1)
-                clamped_low, clamped_high = accumulate_bias_grad(
-                    ds * inv_norm, first_rel, grad_row, max_distance, clamped_low, clamped_high,
-                    BLOCK_M, BLOCK_N, BLOCK_W)
+        # As in the forward: whole visible key tiles without a mask, then the rest masked.
+        full_end = start_n
+        if UNMASKED_TILES:
+            full_end = full_key_tiles_end(start_n, end_n, block * BLOCK_M, q_len, k_len, CAUSAL, HSTU_MASK, BLOCK_N)
+            for start_n in range(start_n, full_end, BLOCK_N):
+                dq, clamped_low, clamped_high = _dq_tile(
+                    dq, clamped_low, clamped_high, q, do, lse, delta, start_n, offs_m, tokens, block * BLOCK_M,
+                    grad_row, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v, stride_kt, stride_kh,
+                    stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window,
+                    qk_scale, inv_norm, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, BIAS_GRAD,
+                    False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
+        for start_n in range(full_end, end_n, BLOCK_N):
+            dq, clamped_low, clamped_high = _dq_tile(
+                dq, clamped_low, clamped_high, q, do, lse, delta, start_n, offs_m, tokens, block * BLOCK_M, grad_row,
+                k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v, stride_kt, stride_kh, stride_vt,
+                stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, inv_norm,
+                dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, BIAS_GRAD, True, BLOCK_M,
+                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
         if BIAS_GRAD:
             finish_bias_grad(grad_row, max_distance, clamped_low, clamped_high)
         tl.store(dq_ptr + tokens[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
@@ -330,7 +433,7 @@ def _attention_backward_kernel(
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     stride_dbs, stride_dbh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
     BIAS_GRAD: tl.constexpr, KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
     Q_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -346,7 +449,7 @@ def _attention_backward_kernel(
                        scale, norm, head_dim, head_dim_v, contextual_len, window, max_distance, dropout_p, seed,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                       CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH,
+                       CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH, UNMASKED_TILES,
                        KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     else:
         _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
@@ -354,7 +457,7 @@ def _attention_backward_kernel(
                      scale, norm, head_dim, head_dim_v, contextual_len, window, max_distance, dropout_p, seed,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
-                     CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH,
+                     CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH, UNMASKED_TILES,
                      BIAS_GRAD, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
 
 
@@ -362,8 +465,10 @@ def _attention_backward_kernel(
 SHORT_ROWS = 512
 
 
-def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None) -> dict:
+def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None, hstu_mask: bool = False) -> dict:
     tiles = _block_sizes(kernel, head_dim, head_dim_v, max_len)
+    if hstu_mask:  # every tile is masked: no unmasked loop compiled
+        tiles["UNMASKED_TILES"] = False
     if kernel == "backward":  # the dQ tiles' diagonals, for the bias gradient
         tiles["BLOCK_W"] = next_power_of_2(tiles["Q_BLOCK_M"] + tiles["Q_BLOCK_N"] - 1)
     return tiles
@@ -378,11 +483,17 @@ def _block_sizes(kernel: str, head_dim: int, head_dim_v: int, max_len: int | Non
     block_dv = max(16, next_power_of_2(head_dim_v))
     dims = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
     if TRITON_INTERPRETER:
+        dims["UNMASKED_TILES"] = True  # the tests reach both loops (tests/test_attention.py turns it off too)
         if kernel == "backward":
             return dict(KV_BLOCK_M=16, KV_BLOCK_N=16, Q_BLOCK_M=16, Q_BLOCK_N=16, num_warps=4, **dims)
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, **dims)
     widest = max(block_d, block_dv) > 128
     short = max_len is not None and max_len <= SHORT_ROWS
+    # Unmasked tiles first (UNMASKED_TILES, see full_key_tiles_end). H100, bf16, graph replay, D=64
+    # (benchmarks/NOTES.md): max_L=4096 forward 1357 -> 1232 us, f+b 5347 -> 5094 (causal 824 -> 677,
+    # 3483 -> 3079); max_L=512 132 -> 125 us forward. Rows up to 256 have few whole tiles, and the
+    # second loop's pipeline restart cost them 1-3% at D=32/64 and 84 -> 106 us forward at D=128.
+    dims["UNMASKED_TILES"] = not widest and (not short or (max_len > 256 and max(block_d, block_dv) <= 64))
     if kernel == "forward":
         if widest:
             return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, **dims)
@@ -406,6 +517,11 @@ ACTIVATIONS = {"softmax": 0, "silu": 1, "gelu": 2}
 NO_WINDOW = 2 ** 30
 
 
+def _hstu_mask(num_targets: Optional[torch.Tensor], contextual_len: int, window: Optional[int]) -> bool:
+    """Whether any of the HSTU masks (targets, contextual prefix, window) is on."""
+    return num_targets is not None or contextual_len > 0 or window is not None
+
+
 def _score_arguments(q: torch.Tensor, q_offsets: torch.Tensor, causal: bool, scale: float, activation: int,
                      norm: Optional[float], bias: Optional[torch.Tensor], num_targets: Optional[torch.Tensor],
                      contextual_len: int, window: Optional[int], dropout_p: float, seed: int) -> dict:
@@ -419,7 +535,7 @@ def _score_arguments(q: torch.Tensor, q_offsets: torch.Tensor, causal: bool, sca
         max_distance=0 if bias is None else (bias.shape[1] - 1) // 2, dropout_p=dropout_p, seed=seed,
         stride_bh=0 if bias is None else bias.stride(0),
         CAUSAL=causal, ACTIVATION=activation,
-        HSTU_MASK=num_targets is not None or contextual_len > 0 or window is not None,
+        HSTU_MASK=_hstu_mask(num_targets, contextual_len, window),
         HAS_TARGETS=num_targets is not None, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0,
         NORM_BY_LENGTH=norm is None, PRECISION=dot_precision(q.dtype),
     )
@@ -441,7 +557,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
     batch_size = q_offsets.numel() - 1
     if total_q == 0 or heads == 0:
         return out, lse
-    tiles = _tiles("forward", head_dim, head_dim_v, max_len)
+    tiles = _tiles("forward", head_dim, head_dim_v, max_len, _hstu_mask(num_targets, contextual_len, window))
     grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, q_offsets, k_offsets,
@@ -481,7 +597,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         return dq, dk.zero_(), dv.zero_(), torch.zeros(bias.shape if bias_grad else (0,), dtype=torch.float32,
                                                       device=q.device)
     do = unit_last_stride(do)
-    tiles = _tiles("backward", q.shape[2], v.shape[2], max_len)
+    tiles = _tiles("backward", q.shape[2], v.shape[2], max_len, _hstu_mask(num_targets, contextual_len, window))
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
     # Bias gradient: one row of partial sums per (dQ program, head), summed in a fixed order
