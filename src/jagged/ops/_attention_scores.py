@@ -91,14 +91,12 @@ def query_range(first, last, q_len, k_len, n_targets, contextual_len, window,
 
 
 @triton.jit
-def full_key_tiles_end(start, end, first, q_len, k_len, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+def full_key_tiles_end(start, end, first, q_len, k_len, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """End of the key tiles from ``start`` (a multiple of BLOCK_N, up to ``end``) that every query
     from row index ``first`` on sees whole: inside the row and, causal, at or before the first
     query's position. Those tiles need no mask (the per-score compares and selects are a
-    noticeable part of a tile's work at head dim 64). Under the HSTU masks every tile is masked."""
-    if HSTU_MASK:
-        return start
+    noticeable part of a tile's work at head dim 64). Plain and causal masks only: with the HSTU
+    masks the launchers compile no unmasked loop (ops/attention.py: _tiles)."""
     limit = k_len
     if CAUSAL:  # (the max keeps the division away from negatives, which Triton truncates)
         limit = tl.minimum(limit, tl.maximum(first + (k_len - q_len) + 1, 0))
@@ -106,14 +104,11 @@ def full_key_tiles_end(start, end, first, q_len, k_len, CAUSAL: tl.constexpr, HS
 
 
 @triton.jit
-def full_query_tiles_start(start, end, last_key, q_len, k_len, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr,
-                           BLOCK_M: tl.constexpr):
+def full_query_tiles_start(start, end, last_key, q_len, k_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """Start of the query tiles (from ``start``, a multiple of BLOCK_M, up to ``end``) whose every
     query in the row sees every key up to ``last_key``: causal, those at or past the key's
     position. Queries past the row's end may share the last tile: the backward loads them as
-    zeros with lse = +inf, so they add nothing unmasked. Under the HSTU masks, none."""
-    if HSTU_MASK:
-        return end
+    zeros with lse = +inf, so they add nothing unmasked. Plain and causal masks only, as above."""
     first = start
     if CAUSAL:
         first = tl.maximum(last_key - (k_len - q_len), 0)

@@ -183,7 +183,7 @@ def _attention_forward_kernel(
     # first, without a mask; then the rest (the diagonal, the row's last partial tile), masked.
     full_end = start_n
     if UNMASKED_TILES:
-        full_end = full_key_tiles_end(start_n, end_n, block * BLOCK_M, q_len, k_len, CAUSAL, HSTU_MASK, BLOCK_N)
+        full_end = full_key_tiles_end(start_n, end_n, block * BLOCK_M, q_len, k_len, CAUSAL, BLOCK_N)
         for start_n in range(start_n, full_end, BLOCK_N):
             acc, m_i, l_i = _forward_tile(
                 acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim,
@@ -337,7 +337,7 @@ def _backward_dkdv(
         full_start = end_m
         if UNMASKED_TILES:
             full_start = full_query_tiles_start(start_m, end_m, tl.minimum(block * BLOCK_N + BLOCK_N, k_len) - 1,
-                                                q_len, k_len, CAUSAL, HSTU_MASK, BLOCK_M)
+                                                q_len, k_len, CAUSAL, BLOCK_M)
         for start_m in range(start_m, full_start, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, start_m, offs_n, k_tokens, q_ptr, do_ptr, lse_ptr, delta_ptr, q_begin, q_len, k_len,
@@ -401,7 +401,7 @@ def _backward_dq(
         # As in the forward: whole visible key tiles without a mask, then the rest masked.
         full_end = start_n
         if UNMASKED_TILES:
-            full_end = full_key_tiles_end(start_n, end_n, block * BLOCK_M, q_len, k_len, CAUSAL, HSTU_MASK, BLOCK_N)
+            full_end = full_key_tiles_end(start_n, end_n, block * BLOCK_M, q_len, k_len, CAUSAL, BLOCK_N)
             for start_n in range(start_n, full_end, BLOCK_N):
                 dq, clamped_low, clamped_high = _dq_tile(
                     dq, clamped_low, clamped_high, q, do, lse, delta, start_n, offs_m, tokens, block * BLOCK_M,
@@ -467,7 +467,7 @@ SHORT_ROWS = 512
 
 def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None, hstu_mask: bool = False) -> dict:
     tiles = _block_sizes(kernel, head_dim, head_dim_v, max_len)
-    if hstu_mask:  # every tile is masked: no unmasked loop compiled
+    if hstu_mask:  # every tile is masked: no unmasked loop compiled (full_key_tiles_end knows no HSTU mask)
         tiles["UNMASKED_TILES"] = False
     if kernel == "backward":  # the dQ tiles' diagonals, for the bias gradient
         tiles["BLOCK_W"] = next_power_of_2(tiles["Q_BLOCK_M"] + tiles["Q_BLOCK_N"] - 1)
