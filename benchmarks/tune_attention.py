@@ -2,12 +2,14 @@
 backward launcher (median of CUDA-graph replays, so that short rows are not measured as host
 launch cost), with each config's outputs checked against the default config's, and FA2 varlen's
 forward / backward on the same inputs for scale. Prints one line per (shape, config); the
-winners go into ops/attention.py::_tiles.
+winners go into ops/attention.py::_tiles. A config may end with a dict of extra launch options
+(e.g. {"maxnreg": 80}: Triton's register cap, for more programs per SM).
 
-    python benchmarks/tune_attention.py [--kernel backward|forward] [--short]
+    python benchmarks/tune_attention.py [--kernel backward|forward] [--short] [--configs "(64, 32, 4, 3)" ...]
 """
 
 import argparse
+import ast
 import math
 
 import torch
@@ -33,7 +35,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--kernel", choices=["backward", "forward"], default="backward")
     parser.add_argument("--short", action="store_true", help="only the shapes with max_L <= 512")
+    parser.add_argument("--configs", nargs="+", help="Python tuples replacing the built-in list")
     args = parser.parse_args()
+    configs = [ast.literal_eval(c) for c in args.configs] if args.configs else (
+        BACKWARD if args.kernel == "backward" else FORWARD)
     default_tiles = attention._tiles
     for batch, max_len, heads, head_dim, dist in SHAPES:
         if args.short and max_len > 512:
@@ -54,7 +59,7 @@ def main():
             (lambda: torch.ops.aten._flash_attention_forward(q, k, v, *fa_args, False, scale=scale)))
         print(f"B={batch} L={max_len} H={heads} D={head_dim} {dist} {args.kernel} FA2 varlen: {fa2_us:8.1f} us",
               flush=True)
-        for config in (BACKWARD if args.kernel == "backward" else FORWARD):
+        for config in configs:
             def tiles(kernel, d, dv, max_len=None, hstu_mask=False, config=config):
                 base = default_tiles(kernel, d, dv, max_len, hstu_mask)
                 if kernel != args.kernel:
@@ -64,7 +69,9 @@ def main():
                             "UNMASKED_TILES")
                 else:
                     keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "UNMASKED_TILES")
-                return {**base, **dict(zip(keys, config))}
+                extra = config[-1] if isinstance(config[-1], dict) else {}
+                sizes = config[:-1] if extra else config
+                return {**base, **dict(zip(keys, sizes)), **extra}
 
             attention._tiles = tiles
             try:

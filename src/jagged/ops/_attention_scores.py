@@ -27,12 +27,21 @@ def hstu_ids(pos, k_len, n_targets, contextual_len):
 
 
 @triton.jit
-def visible(qi, kj, q_len, k_len, n_targets, contextual_len, window, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr):
-    """Mask of the (query, key) pairs that attend. ``qi``: query indices in the row, ``kj``: key
-    indices, broadcastable 2-D, int32 (as are the lengths: per-element int64 arithmetic costs
-    twice the instructions). Queries are aligned to the end of the key row (position
-    ``qi + L_k - L_q``), as for causal attention."""
-    ok = (qi < q_len) & (kj < k_len)
+def visible(qi, kj, q_len, k_len, n_targets, contextual_len, window, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr,
+            KEY_BOUND: tl.constexpr):
+    """Mask of the (query, key) pairs that attend, for queries inside the row. ``qi``: query
+    indices in the row, ``kj``: key indices, broadcastable 2-D, int32 (as are the lengths:
+    per-element int64 arithmetic costs twice the instructions). Queries are aligned to the end of
+    the key row (position ``qi + L_k - L_q``), as for causal attention.
+
+    Queries past the row's end are not masked: the kernels load them as zeros (with lse = +inf
+    and delta = 0 in the backward) and never store their results, so they change nothing, and
+    the compare and select per score are saved. Keys past the row's end are masked only with
+    KEY_BOUND, for the kernels that sum over keys (forward, dQ); dK/dV programs own their keys
+    and never store the ones past the end."""
+    ok = tl.full([1, 1], 1, tl.int1)
+    if KEY_BOUND:
+        ok = kj < k_len
     pos = qi + (k_len - q_len)
     if HSTU_MASK:
         row_id, _ = hstu_ids(pos, k_len, n_targets, contextual_len)

@@ -68,12 +68,13 @@ def _row_inverse_norm(k_len, norm, ACTIVATION: tl.constexpr, NORM_BY_LENGTH: tl.
 @triton.jit
 def _score_tile(qk, qi, kj, q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window,
                 qk_scale, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                ACTIVATION: tl.constexpr, MASKED: tl.constexpr):
+                ACTIVATION: tl.constexpr, MASKED: tl.constexpr, KEY_BOUND: tl.constexpr):
     """Scores (base 2 for softmax: qk_scale holds log2 e) and the visibility mask of a tile of raw
     q.k products, queries ``qi`` x keys ``kj`` (row indices, broadcastable 2-D). Positions and
     lengths go to int32 here: rows are shorter than 2^31, and per-element int64 arithmetic is
     twice the instructions. Not MASKED (a tile the caller knows to be wholly visible): the mask
-    is a constant True, which the compiler folds away with the selects on it."""
+    is a constant True, which the compiler folds away with the selects on it. KEY_BOUND: mask
+    the keys past the row's end (see visible: the kernels that sum over keys need it)."""
     qi, kj = qi.to(tl.int32), kj.to(tl.int32)
     q_len, k_len, n_targets = q_len.to(tl.int32), k_len.to(tl.int32), n_targets.to(tl.int32)
     s = qk * qk_scale
@@ -83,7 +84,7 @@ def _score_tile(qk, qi, kj, q_len, k_len, head, bias_ptr, stride_bh, max_distanc
             bias = bias * 1.4426950408889634  # log2(e): the softmax runs in base 2
         s = s + bias
     if MASKED:
-        ok = visible(qi, kj, q_len, k_len, n_targets, contextual_len, window, CAUSAL, HSTU_MASK)
+        ok = visible(qi, kj, q_len, k_len, n_targets, contextual_len, window, CAUSAL, HSTU_MASK, KEY_BOUND)
     else:
         ok = tl.full([1, 1], 1, tl.int1)
     return s, ok
@@ -124,7 +125,7 @@ def _forward_tile(
     v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
     s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :],
                         q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets,
-                        contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, MASKED)
+                        contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, MASKED, True)
     if ACTIVATION == 0:
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -149,10 +150,14 @@ def _forward_tile(
 # 32-way search helped the forward on short rows a little (27.6 -> 27.1 us at B=256 max_L=256
 # skew) but slowed it on long rows (1351 -> 1430 us at B=64 max_L=4096, 409 -> 426 us at
 # max_L=1024), and slowed the backward (f+b 82 -> 93 us, 177 -> 215 us at max_L=256).
+# The forward takes the head dims as constexprs, so that the head-dim masks of its loads and
+# stores fold away at power-of-two dims (H100, D=64: max_L=4096 1250 -> 1137-1184 us, max_L=256
+# 53 -> 52 us). The backward keeps them runtime values: as constexprs its non-causal long rows got
+# slower (max_L=1024 f+b 1553 -> 1709-1734 us; benchmarks/NOTES.md, session 7).
 @triton.jit(do_not_specialize=["batch_size", "row_search", "contextual_len", "window", "max_distance", "seed"])
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr,
-    batch_size, row_search, qk_scale, norm, head_dim, head_dim_v,
+    batch_size, row_search, qk_scale, norm, head_dim: tl.constexpr, head_dim_v: tl.constexpr,
     contextual_len, window, max_distance, dropout_p, seed,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_vt, stride_vh, stride_ot, stride_oh, stride_lh, stride_bh,
@@ -212,8 +217,8 @@ def _attention_forward_kernel(
 
 @triton.jit(do_not_specialize=["total_q"])
 def _attention_backward_delta_kernel(
-    o_ptr, do_ptr, delta_ptr, total_q, head_dim_v, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
-    BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
+    o_ptr, do_ptr, delta_ptr, total_q, head_dim_v: tl.constexpr, stride_ot, stride_oh, stride_dot, stride_doh,
+    stride_lh, BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # delta_i = rowsum(dO_i * O_i) in float32, the softmax backward's per-query correction: once
     # per query here, rather than once per (query, key block) inside the dK/dV loop (which cost
@@ -249,7 +254,7 @@ def _dkdv_tile(
     s_t, ok_t = _score_tile(tl.dot(k, q_t, input_precision=PRECISION), offs_m[None, :], offs_n[:, None],
                             q_len, k_len, head, bias_ptr, stride_bh, max_distance,
                             n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS,
-                            ACTIVATION, MASKED)
+                            ACTIVATION, MASKED, False)
     lse = tl.zeros([BLOCK_M], dtype=tl.float32)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ACTIVATION == 0:
@@ -289,7 +294,8 @@ def _dq_tile(
                      stride_vh, True)
     s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :],
                         q_len, k_len, head, bias_ptr, stride_bh, max_distance,
-                        n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, MASKED)
+                        n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, MASKED,
+                        True)
     w = _attention_weights(s, ok, lse[:, None], ACTIVATION)
     dp = tl.dot(do, v_t, input_precision=PRECISION)
     if DROPOUT:
