@@ -144,6 +144,9 @@ def test_jagged_tensor_api():
         (dict(k=lambda t: t[:, :1], v=lambda t: t[:, :1]), ValueError, "same heads and head dim"),
         (dict(v=lambda t: t[:-1]), ValueError, r"k and v must have the same \[T_k, H\]"),
         (dict(q=lambda t: t.new_ones(t.shape[0], 2, 300), k=lambda t: t.new_ones(t.shape[0], 2, 300)), ValueError, "head dim must be in"),
+        # 2^31 tokens as a stride-0 view (no memory): the kernels' row search is int32.
+        (dict(k=lambda t: t[:1].expand(2 ** 31, 2, 16), v=lambda t: t[:1].expand(2 ** 31, 2, 16)), ValueError,
+         "k has 2147483648 tokens"),
         (dict(k_offsets=lambda o: o[:-1]), ValueError, "same batch size"),
         (dict(q_offsets=lambda o: o.float()), ValueError, "q_offsets must have dtype int32 or int64"),
         (dict(q_offsets=lambda o: o.to("meta")), ValueError, "q_offsets must be on the same device"),

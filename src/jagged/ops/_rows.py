@@ -9,9 +9,11 @@ import triton.language as tl
 def _row_key(offsets_ptr, row, mask, SLOT_BLOCK: tl.constexpr):
     """The search key of row(s) ``row`` (where ``mask``): offsets[row], or its work-slot start
     (see find_row)."""
-    key = tl.load(offsets_ptr + row, mask=mask, other=0).to(tl.int64)
-    if SLOT_BLOCK > 0:
-        key = key // SLOT_BLOCK + row
+    key = tl.load(offsets_ptr + row, mask=mask, other=0)
+    if SLOT_BLOCK > 0:  # int32: see find_row
+        key = key.to(tl.int32) // SLOT_BLOCK + row.to(tl.int32)
+    else:
+        key = key.to(tl.int64)
     return key
 
 
@@ -24,8 +26,13 @@ def find_row(offsets_ptr, target, batch_size, search_steps, SLOT_BLOCK: tl.const
     SLOT_BLOCK > 0: key(b) = offsets[b] // SLOT_BLOCK + b, so ``target`` is a work slot. Row b owns
     ``offsets[b+1] // SLOT_BLOCK - offsets[b] // SLOT_BLOCK + 1 >= cdiv(length_b, SLOT_BLOCK)``
     slots, enough for its blocks, and the grid needs ``B + T // SLOT_BLOCK`` slots in all: a grid
-    over real work, known on the host without a device synchronisation.
+    over real work, known on the host without a device synchronisation. The slot search runs
+    in int32 (half the instructions of int64 in a program's serial prologue; H100, attention
+    B=256 max_L=256 D=64: forward 26.9 -> 26.1 us, D=32 25.5 -> 23.8), so its callers (the
+    attention kernels) require fewer than 2^31 tokens.
     """
+    if SLOT_BLOCK > 0:
+        target = target.to(tl.int32)
     lo = target * 0
     hi = lo + batch_size
     for _ in range(search_steps):

@@ -32,6 +32,8 @@ from ._utils import (TRITON_INTERPRETER, check_max_len, check_offsets, check_off
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
+# Tokens per q / k values: the kernels' work-slot search runs in int32 (ops/_rows.py: find_row).
+MAX_TOKENS = 2 ** 31 - 1
 
 
 @triton.jit
@@ -681,6 +683,9 @@ def _check_attention_inputs(q, k, v, q_offsets, k_offsets):
             raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {x.dtype}, {x.device}")
         if not 1 <= x.shape[2] <= MAX_HEAD_DIM:
             raise ValueError(f"{name}'s head dim must be in [1, {MAX_HEAD_DIM}], got {x.shape[2]}")
+        if x.shape[0] > MAX_TOKENS:
+            raise ValueError(f"{name} has {x.shape[0]} tokens; jagged attention takes at most 2^31 - 1 (its kernels "
+                             "find a block's row in int32, as FA2's int32 offsets also limit it)")
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(f"k and v must have the same [T_k, H], got {tuple(k.shape[:2])} and {tuple(v.shape[:2])}")
     if q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
