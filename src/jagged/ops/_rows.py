@@ -6,14 +6,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_key(offsets_ptr, row, mask, SLOT_BLOCK: tl.constexpr):
+def _row_key(offsets_ptr, row, mask, SLOT_BLOCK: tl.constexpr, INT32: tl.constexpr):
     """The search key of row(s) ``row`` (where ``mask``): offsets[row], or its work-slot start
-    (see find_row)."""
+    (see find_row); in int32 arithmetic if INT32 (the caller guarantees offsets < 2^31)."""
     key = tl.load(offsets_ptr + row, mask=mask, other=0)
-    if SLOT_BLOCK > 0:  # int32: see find_row
-        key = key.to(tl.int32) // SLOT_BLOCK + row.to(tl.int32)
+    if INT32:
+        key = key.to(tl.int32)
+        row = row.to(tl.int32)
     else:
         key = key.to(tl.int64)
+    if SLOT_BLOCK > 0:
+        key = key // SLOT_BLOCK + row
     return key
 
 
@@ -29,7 +32,8 @@ def find_row(offsets_ptr, target, batch_size, search_steps, SLOT_BLOCK: tl.const
     over real work, known on the host without a device synchronisation. The slot search runs
     in int32 (half the instructions of int64 in a program's serial prologue; H100, attention
     B=256 max_L=256 D=64: forward 26.9 -> 26.1 us, D=32 25.5 -> 23.8), so its callers (the
-    attention kernels) require fewer than 2^31 tokens.
+    attention kernels) require fewer than 2^31 tokens. Token searches (SLOT_BLOCK == 0) and the
+    32-way slot search (find_slot_row: the matmuls, jagged2) stay int64.
     """
     if SLOT_BLOCK > 0:
         target = target.to(tl.int32)
@@ -37,7 +41,7 @@ def find_row(offsets_ptr, target, batch_size, search_steps, SLOT_BLOCK: tl.const
     hi = lo + batch_size
     for _ in range(search_steps):
         mid = (lo + hi) // 2
-        go_right = _row_key(offsets_ptr, mid, mid < hi, SLOT_BLOCK) <= target
+        go_right = _row_key(offsets_ptr, mid, mid < hi, SLOT_BLOCK, SLOT_BLOCK > 0) <= target
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid)
     return lo
@@ -54,7 +58,7 @@ def find_slot_row(offsets_ptr, slot, batch_size, search_stride, SLOT_BLOCK: tl.c
     while stride > 0:
         probe = lo + tl.arange(0, 32).to(tl.int64) * stride
         inside = probe < batch_size
-        below = inside & (_row_key(offsets_ptr, probe, inside, SLOT_BLOCK) <= slot)
+        below = inside & (_row_key(offsets_ptr, probe, inside, SLOT_BLOCK, False) <= slot)
         # Keys do not decrease, so the probes <= slot are a prefix (probe 0 = lo always is one).
         lo += (tl.sum(below.to(tl.int64), 0) - 1) * stride
         stride = stride // 32
