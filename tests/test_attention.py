@@ -88,6 +88,16 @@ def test_attention_property(q_lengths, data, heads, head_dims, dtype, causal, sc
     check_attention(q_lengths, k_lengths, heads, *head_dims, dtype, causal, scale, offsets_dtype, self_attention)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.2], ids=["negative", "zero", "positive"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_scale_signs(scale, causal):
+    """The forward folds a positive scale into the exponent after the row max; a negative or zero
+    scale (where that would be wrong: the max of -s is not -max s, and -inf * 0 is NaN) takes the
+    scale-first path. Rows span several key tiles, with masked ends."""
+    check_attention([37, 5, 0, 18], [37, 5, 0, 18], 2, 16, 16, torch.float32, causal, scale=scale,
+                    self_attention=True)
+
+
 def test_query_with_no_key_gets_zero_and_no_nan():
     q_offsets, k_offsets = make_offsets([3, 4]), make_offsets([0, 5])
     q = random_values((7, 2, 16), torch.float32, requires_grad=True)

@@ -114,26 +114,34 @@ def _forward_tile(
     acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v,
     stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len,
     window, qk_scale, dropout_p, seed, CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One key tile of the forward: the online softmax's running max m_i, sum l_i and output acc
-    (or the pointwise weights' sum) updated with keys [start_n, start_n + BLOCK_N)."""
+    (or the pointwise weights' sum) updated with keys [start_n, start_n + BLOCK_N).
+    SCALE_IN_EXP (softmax, a positive scale, no bias): the scale is applied in the exponent's
+    fused multiply-add, and to the row max after the reduction (a positive factor commutes with
+    the max), not to every score first: one instruction per score fewer."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     key_ok = offs_n < k_len
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_t = _load_tile(k_ptr, k_begin + offs_n, key_ok, head, offs_d, head_dim, stride_kt, stride_kh, True)
     v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
-    s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :],
-                        q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets,
-                        contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, MASKED, True)
+    qk = tl.dot(q, k_t, input_precision=PRECISION)
+    s, ok = _score_tile(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, head, bias_ptr, stride_bh, max_distance,
+                        n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, MASKED,
+                        True)
     if ACTIVATION == 0:
+        factor = 1.0
+        if SCALE_IN_EXP:  # the scaled s is then unused (and not computed)
+            s = qk
+            factor = qk_scale
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * factor)
         # A query with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.math.exp2(s - m_safe[:, None])
+        w = tl.math.exp2(s * factor - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(w, 1)
         acc = acc * alpha[:, None]
@@ -165,8 +173,8 @@ def _attention_forward_kernel(
     stride_vt, stride_vh, stride_ot, stride_oh, stride_lh, stride_bh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SCALE_IN_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     head = tl.program_id(1).to(tl.int64)
     row, q_begin, q_len, block = row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search, BLOCK_M,
@@ -196,12 +204,12 @@ def _attention_forward_kernel(
                 acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim,
                 head_dim_v, stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets,
                 contextual_len, window, qk_scale, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT,
-                False, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+                False, SCALE_IN_EXP, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     for start_n in range(full_end, end_n, BLOCK_N):
         acc, m_i, l_i = _forward_tile(
             acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v,
             stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len,
-            window, qk_scale, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, True,
+            window, qk_scale, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, True, SCALE_IN_EXP,
             BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
 
     if ACTIVATION == 0:
@@ -573,6 +581,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
         head_dim_v=head_dim_v, stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0),
         stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0),
         stride_oh=out.stride(1), stride_lh=lse.stride(0),
+        SCALE_IN_EXP=activation == 0 and bias is None and scale > 0,
         **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
                            dropout_p, seed),
         **tiles,
