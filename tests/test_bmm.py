@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import jagged
 from jagged import JaggedTensor, reference
+from jagged.ops import bmm
 from helpers import FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, assert_close, lengths_strategy, make_offsets, random_values
 
 
@@ -88,7 +89,18 @@ def test_bad_input():
 @pytest.mark.skipif(not ON_GPU, reason="sizes and bfloat16 for the GPU")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("dims", [(64, 64), (128, 256), (256, 128), (100, 72)], ids=str)
-def test_gpu_sizes(dtype, dims):
-    lengths = torch.randint(0, 300, (60,)).tolist() + [1500, 0]
+@pytest.mark.parametrize("spread", ["skewed", "even"])
+def test_gpu_sizes(dtype, dims, spread):
+    # skewed: the mean row is under bmm.SKEWED_FILL of the longest (other jagged_jagged_bmm tiles)
+    low = 0 if spread == "skewed" else 250
+    lengths = torch.randint(low, 300, (60,)).tolist() + ([1500, 0] if spread == "skewed" else [])
     check_jagged_dense_bmm(lengths, *dims, dtype)
     check_jagged_jagged_bmm(lengths, *dims, dtype)
+
+
+def test_skewed_tile_hint_needs_a_known_longest_row():
+    values = random_values((103, 8), torch.float32)
+    offsets = make_offsets([1, 1, 1, 100])
+    assert bmm._skewed(JaggedTensor(values, offsets))  # validation finds the longest row
+    assert not bmm._skewed(JaggedTensor(values, offsets, validate=False))  # unknown: no sync for a hint
+    assert not bmm._skewed(JaggedTensor(values, make_offsets([25, 26, 26, 26])))

@@ -91,14 +91,23 @@ def _dense_bmm_tiles(k_dim: int, n_dim: int, element_size: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if k_dim <= 64 else 64, num_warps=4, num_stages=3)
 
 
-def _jagged_bmm_tiles(m_dim: int, n_dim: int, element_size: int) -> dict:
-    """jagged_jagged_bmm blocks (M x N outputs x tokens per step); as above."""
+# A batch whose mean row is shorter than this fraction of its longest row is "skewed": its few
+# longest rows, each walked by one program per output block, are the kernel's tail.
+SKEWED_FILL = 0.3
+
+
+def _jagged_bmm_tiles(m_dim: int, n_dim: int, element_size: int, skewed: bool = False) -> dict:
+    """jagged_jagged_bmm blocks (M x N outputs x tokens per step); as above. ``skewed`` (see
+    SKEWED_FILL; only when the longest row is known): at N > 128, 128 x 128 blocks, twice the
+    programs per row, so that the longest rows' programs are half as long. H100, bf16, B=256,
+    max_L=1024, D=256 (benchmarks/tune_ops.py): skewed lengths 150 -> 157 TFLOP/s; but uniform
+    lengths 242 -> 192, hence 128 x 256 otherwise."""
     if TRITON_INTERPRETER:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
     if element_size > 2:
         return dict(BLOCK_M=64, BLOCK_N=128 if n_dim > 64 else 64, BLOCK_K=32 if m_dim <= 64 else 64, num_warps=4,
                     num_stages=3)
-    if n_dim > 128 and m_dim > 64:
+    if n_dim > 128 and m_dim > 64 and not skewed:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
     if m_dim > 64:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -127,13 +136,15 @@ def _(x, y, offsets):
 
 
 @jagged_op("jagged_jagged_bmm")
-def _launch_jagged_jagged_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [T, M], y [T, N] (same rows, any strides) -> [B, M, N]."""
+def _launch_jagged_jagged_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor,
+                              skewed: bool = False) -> torch.Tensor:
+    """x [T, M], y [T, N] (same rows, any strides) -> [B, M, N]. ``skewed``: a tile hint only
+    (see _jagged_bmm_tiles)."""
     batch_size, m_dim, n_dim = offsets.numel() - 1, x.shape[1], y.shape[1]
     out = torch.empty((batch_size, m_dim, n_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    tiles = _jagged_bmm_tiles(m_dim, n_dim, x.element_size())
+    tiles = _jagged_bmm_tiles(m_dim, n_dim, x.element_size(), skewed)
     grid = (batch_size, cdiv(m_dim, tiles["BLOCK_M"]), cdiv(n_dim, tiles["BLOCK_N"]))
     _jagged_jagged_bmm_kernel[grid](
         x, y, out, offsets, m_dim, n_dim, *x.stride(), *y.stride(), *out.stride(),
@@ -142,7 +153,7 @@ def _launch_jagged_jagged_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.T
 
 
 @_launch_jagged_jagged_bmm.register_fake
-def _(x, y, offsets):
+def _(x, y, offsets, skewed=False):
     return x.new_empty((offsets.shape[0] - 1, x.shape[1], y.shape[1]))
 
 
@@ -161,11 +172,15 @@ def _jagged_jagged_bmm_backward(ctx, dz):
     x, y, offsets = ctx.saved_tensors
     dx = _launch_jagged_dense_bmm(y, dz.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
     dy = _launch_jagged_dense_bmm(x, dz, offsets) if ctx.needs_input_grad[1] else None
-    return dx, dy, None
+    return dx, dy, None, None
+
+
+def _save_jagged_jagged_operands(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3])
 
 
 _launch_jagged_dense_bmm.register_autograd(_jagged_dense_bmm_backward, setup_context=_save_operands)
-_launch_jagged_jagged_bmm.register_autograd(_jagged_jagged_bmm_backward, setup_context=_save_operands)
+_launch_jagged_jagged_bmm.register_autograd(_jagged_jagged_bmm_backward, setup_context=_save_jagged_jagged_operands)
 
 
 def jagged_dense_bmm(x, y: torch.Tensor):
@@ -220,4 +235,11 @@ def jagged_jagged_bmm(x, y) -> torch.Tensor:
     check_same_rows(y, x, "y", "x")
     if not use_triton(x.values):
         return reference.jagged_jagged_bmm(x.values, y.values, x.offsets)
-    return _launch_jagged_jagged_bmm(x.values, y.values, x.offsets)
+    return _launch_jagged_jagged_bmm(x.values, y.values, x.offsets, _skewed(x))
+
+
+def _skewed(x) -> bool:
+    """Whether x's mean row is shorter than SKEWED_FILL of its longest (False when the longest
+    is not known: no device sync for a tile hint)."""
+    longest = x.known_max_len
+    return bool(longest) and x.values.shape[0] < SKEWED_FILL * x.batch_size * longest
