@@ -158,7 +158,7 @@ def _(x, y, offsets, skewed=False):
 
 
 def _save_operands(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:3])  # the operands and offsets (not jagged_jagged_bmm's tile hint)
 
 
 def _jagged_dense_bmm_backward(ctx, dout):
@@ -175,12 +175,8 @@ def _jagged_jagged_bmm_backward(ctx, dz):
     return dx, dy, None, None
 
 
-def _save_jagged_jagged_operands(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:3])
-
-
 _launch_jagged_dense_bmm.register_autograd(_jagged_dense_bmm_backward, setup_context=_save_operands)
-_launch_jagged_jagged_bmm.register_autograd(_jagged_jagged_bmm_backward, setup_context=_save_jagged_jagged_operands)
+_launch_jagged_jagged_bmm.register_autograd(_jagged_jagged_bmm_backward, setup_context=_save_operands)
 
 
 def jagged_dense_bmm(x, y: torch.Tensor):
