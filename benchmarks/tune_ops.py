@@ -5,6 +5,7 @@ host's launch cost), each config's output checked against the default config's. 
 optional last entry caps the registers per thread (Triton's ``maxnreg``): more programs per SM.
 
     python benchmarks/tune_ops.py [--kernel jagged_dense_bmm|jagged_jagged_bmm|softmax] [--lengths unif|skew]
+                                  [--dtype bf16|fp32]
 """
 
 import argparse
@@ -25,7 +26,7 @@ BMM = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, maxnreg]
 SOFTMAX = [  # tile bytes, max columns per program, num_warps[, maxnreg]
     (16384, 64, 4), (16384, 64, 8), (16384, 64, 4, 96), (16384, 64, 4, 80), (16384, 64, 4, 64), (16384, 64, 8, 64),
     (8192, 64, 4), (8192, 64, 4, 64), (32768, 64, 8), (32768, 64, 8, 96), (16384, 128, 8), (16384, 32, 4),
-    (16384, 32, 4, 64), (8192, 32, 2),
+    (16384, 32, 4, 64), (8192, 32, 2), (32768, 32, 4), (16384, 32, 8), (32768, 32, 8), (16384, 16, 4),
 ]
 
 
@@ -64,8 +65,8 @@ def sweep_softmax(values, offsets, label):
     expected = softmax._softmax_forward(values, offsets).float()
     grad = torch.randn_like(values)
     for config in SOFTMAX:
-        softmax.row_walk_launch = lambda o, v, tile_bytes=None, c=config: with_register_cap(default_launch(o, v, *c[:3]),
-                                                                                              c[3:])
+        softmax.row_walk_launch = lambda o, v, c=config, **defaults: with_register_cap(
+            default_launch(o, v, *c[:3]), c[3:])
         try:
             y = softmax._softmax_forward(values, offsets)
             err = float((y.float() - expected).norm() / expected.norm())
@@ -81,18 +82,21 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--kernel", choices=["jagged_dense_bmm", "jagged_jagged_bmm", "softmax"], action="append")
     parser.add_argument("--lengths", choices=["unif", "skew"], action="append")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], action="append")
     args = parser.parse_args()
     kernels = args.kernel or ["jagged_dense_bmm", "jagged_jagged_bmm", "softmax"]
     for batch, max_len, dim in SHAPES:
         for dist in args.lengths or ("unif", "skew"):
-            values, offsets, _, _ = jagged_inputs(batch, max_len, dim, torch.bfloat16, dist)
-            dense = torch.randn(batch, dim, dim, device=values.device).to(values.dtype)
-            label = f"B={batch} L={max_len} D={dim} {dist} bf16"
-            for kernel in kernels:
-                if kernel == "softmax":
-                    sweep_softmax(values, offsets, label)
-                else:
-                    sweep_bmm(kernel, values, offsets, dense, label)
+            for dtype_name in args.dtype or ["bf16"]:
+                dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+                values, offsets, _, _ = jagged_inputs(batch, max_len, dim, dtype, dist)
+                dense = torch.randn(batch, dim, dim, device=values.device).to(values.dtype)
+                label = f"B={batch} L={max_len} D={dim} {dist} {dtype_name}"
+                for kernel in kernels:
+                    if kernel == "softmax":
+                        sweep_softmax(values, offsets, label)
+                    else:
+                        sweep_bmm(kernel, values, offsets, dense, label)
 
 
 if __name__ == "__main__":

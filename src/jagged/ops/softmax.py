@@ -14,9 +14,20 @@ from ._rows import load_row_chunk, row_span
 from ._utils import (check_float_features, row_walk_launch, rows_as_matrix, unflatten_features, unit_last_stride,
                      use_triton)
 
-# 16 KB token chunks (64 columns): the best of benchmarks/tune_ops.py's sweep at the issue's
-# shapes, 1.1-1.6 TB/s against 0.8-1.5 with pooling's 8 KB (benchmarks/NOTES.md).
-SOFTMAX_TILE_BYTES = 16384
+# A program's tile: one 128-byte line per token (64 columns of 16-bit values, 32 of float32) and
+# 8192 values (128 x 64 or 256 x 32), 64 float32 registers a thread at 4 warps. The best of
+# benchmarks/tune_ops.py's sweeps at the issue's shapes (benchmarks/NOTES.md): bf16 1.2-1.85 TB/s
+# against 0.8-1.5 with pooling's 8 KB tiles; float32 (sessions 1-9 used bf16's 64 x 64 tile)
+# 1.50-1.87 -> 1.89-2.34 TB/s forward, backward 1.23-1.68 -> 1.65-1.94.
+SOFTMAX_LINE_BYTES = 128
+SOFTMAX_TILE_VALUES = 8192
+
+
+def _softmax_launch(offsets: torch.Tensor, values2d: torch.Tensor) -> tuple[tuple[int, int], dict]:
+    """Grid (rows, column blocks) and tile of the softmax kernels (see SOFTMAX_LINE_BYTES)."""
+    element_size = values2d.element_size()
+    return row_walk_launch(offsets, values2d, tile_bytes=SOFTMAX_TILE_VALUES * element_size,
+                           max_block_d=SOFTMAX_LINE_BYTES // element_size)
 
 
 @triton.jit
@@ -88,7 +99,7 @@ def _softmax_forward(x2d: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [T, D] (any token stride, unit feature stride) -> y [T, D], softmax within each row."""
     y = torch.empty((x2d.shape[0], x2d.shape[1]), dtype=x2d.dtype, device=x2d.device)
     if y.numel():
-        grid, tiles = row_walk_launch(offsets, x2d, tile_bytes=SOFTMAX_TILE_BYTES)
+        grid, tiles = _softmax_launch(offsets, x2d)
         grid = (2 * grid[0], grid[1])  # long rows first (see the kernel)
         _jagged_softmax_forward_kernel[grid](x2d, offsets, y, x2d.shape[1], x2d.stride(0), y.stride(0), **tiles)
     return y
@@ -100,7 +111,7 @@ def _softmax_backward(y: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) 
     dy = unit_last_stride(dy)
     dx = torch.empty((y.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)
     if dx.numel():
-        grid, tiles = row_walk_launch(offsets, y, tile_bytes=SOFTMAX_TILE_BYTES)
+        grid, tiles = _softmax_launch(offsets, y)
         _jagged_softmax_backward_kernel[grid](y, dy, offsets, dx, y.shape[1], y.stride(0), dy.stride(0),
                                               dx.stride(0), **tiles)
     return dx
