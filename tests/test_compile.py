@@ -66,6 +66,8 @@ def _op_cases():
                                       GATHER_MUL)),
         ("jagged_pool", (_randn(total, 8, grad=True), offsets, False)),
         ("jagged_pool", (_randn(total, 8, grad=True), offsets, True)),
+        ("jagged_pool_backward", (_randn(batch, 8, grad=True), offsets, total, False)),
+        ("jagged_pool_backward", (_randn(batch, 8, grad=True), offsets, total, True)),
         ("jagged_softmax_forward", (_randn(total, 8, grad=True), offsets)),
         ("jagged_softmax_backward", (y, _randn(total, 8), offsets)),
         ("jagged_jagged_bmm_jagged_out", (_randn(total, 16, grad=True), _randn(total, 16, grad=True), offsets,

@@ -40,6 +40,24 @@ def test_pool_property(op, lengths, feature_dim, dtype, offsets_dtype):
     check_pool(op, lengths, (feature_dim,), dtype, offsets_dtype)
 
 
+@pytest.mark.parametrize("op", list(OPS))
+def test_double_backward(op):
+    # The backward (a broadcast, over the row's length for the mean) is itself differentiable:
+    # its adjoint is the pooling again. Checked through a gradient of a gradient.
+    fn, ref_fn = OPS[op]
+    lengths = [3, 0, 7, 1]
+    values = random_values((sum(lengths), 5), torch.float32, requires_grad=True)
+    offsets = make_offsets(lengths)
+    grad = random_values((len(lengths), 5), torch.float32, requires_grad=True)
+    weight = random_values(values.shape, torch.float32)
+    results = []
+    for pool, v, g in ((lambda v: fn(JaggedTensor(v, offsets)), values, grad),
+                       (lambda v: ref_fn(v, offsets), values.double(), grad.double())):
+        (dv,) = torch.autograd.grad(pool(v), v, g, create_graph=True)
+        results.append(torch.autograd.grad((dv * weight.to(dv.dtype)).sum(), g)[0])
+    assert_close(results[0], results[1], tol=torch.float32, name="grad of grad")
+
+
 def test_empty_row_gives_zero():
     x = JaggedTensor(random_values((4, 3), torch.float32), make_offsets([0, 4, 0]))
     for fn in (jagged.jagged_sum, jagged.jagged_mean):

@@ -62,7 +62,7 @@ def _jagged_to_padded_dense_kernel(
 # What the gather kernel does with the gathered dense value y and a jagged operand x (its OP
 # constexpr; the kernel compares with the literals, since Triton's compiler, unlike its
 # interpreter, reads no plain Python globals).
-GATHER, GATHER_ADD, GATHER_MUL = 0, 1, 2
+GATHER, GATHER_ADD, GATHER_MUL, GATHER_ROW_MEAN = 0, 1, 2, 3
 
 
 @triton.jit(do_not_specialize=["total_len", "batch_size", "dense_len", "search_steps"])
@@ -78,7 +78,8 @@ def _dense_to_jagged_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     token_ok = token < total_len
     row = find_row(offsets_ptr, token, batch_size, search_steps, 0)
-    pos = token - tl.load(offsets_ptr + row).to(tl.int64)
+    begin = tl.load(offsets_ptr + row).to(tl.int64)
+    pos = token - begin
     col_ok = cols < feature_dim
     # Positions past the dense tensor's length read as 0 (FBGEMM's convention).
     inside = token_ok & (pos < dense_len) & (pos >= 0)
@@ -88,7 +89,10 @@ def _dense_to_jagged_kernel(
         other=0.0,
     )
     out_mask = token_ok[:, None] & col_ok[None, :]
-    if OP != 0:  # GATHER_ADD or GATHER_MUL: fused op with a jagged operand (ops/elementwise.py)
+    if OP == 3:  # GATHER_ROW_MEAN: divided by the row's length (jagged_mean's backward, ops/pooling.py)
+        length = tl.load(offsets_ptr + row + 1).to(tl.int64) - begin
+        x = x.to(tl.float32) / tl.maximum(length, 1).to(tl.float32)[:, None]
+    elif OP != 0:  # GATHER_ADD or GATHER_MUL: fused op with a jagged operand (ops/elementwise.py)
         other = tl.load(jagged_ptr + token[:, None] * stride_jt + cols[None, :] * stride_jd, mask=out_mask, other=0.0)
         if OP == 1:  # GATHER_ADD
             x = other.to(tl.float32) + x.to(tl.float32)
@@ -127,8 +131,9 @@ def _(values2d, offsets, max_len, padding_value):
 
 def gather_from_dense(dense3d, offsets, total_len, jagged2d=None, op=GATHER):
     """values[t] = dense[row(t), pos(t)] (0 past the dense length), or that value combined with
-    ``jagged2d[t]`` by ``op`` (GATHER_ADD / GATHER_MUL). The launcher behind ``dense_to_jagged`` and
-    the fused jagged-dense elementwise ops (each its own custom op)."""
+    ``jagged2d[t]`` by ``op`` (GATHER_ADD / GATHER_MUL), or divided by the row's length
+    (GATHER_ROW_MEAN). The launcher behind ``dense_to_jagged``, the fused jagged-dense elementwise
+    ops and the pooling backward (each its own custom op)."""
     batch_size, dense_len, feature_dim = dense3d.shape
     values = torch.empty((total_len, feature_dim), dtype=dense3d.dtype, device=dense3d.device)
     if values.numel() == 0:

@@ -1,8 +1,9 @@
 """Jagged pooling: per-row sum and mean -> dense ``[B, *F]``. Triton kernel,
 launcher (``jagged::jagged_pool`` custom op, with autograd), public API.
 
-The backward broadcasts each row's gradient to the row's positions; that is ``dense_to_jagged``
-of the gradient expanded (stride 0) along a length axis, so it reuses that kernel.
+The backward broadcasts each row's gradient (divided by the row's length for the mean) to the
+row's positions; that is ``dense_to_jagged`` of the gradient expanded (stride 0) along a length
+axis, so it reuses that kernel, with the division fused in.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import triton.language as tl
 from .. import reference
 from ._library import jagged_op
 from ._rows import load_row_chunk, row_span
-from ._utils import check_float_features, row_walk_launch, rows_as_matrix, unflatten_features, use_triton
-from .conversions import _launch_dense_to_jagged
+from ._utils import (check_float_features, row_walk_launch, rows_as_matrix, unflatten_features, unit_last_stride,
+                     use_triton)
+from .conversions import GATHER, GATHER_ROW_MEAN, gather_from_dense
 
 
 @triton.jit
@@ -64,15 +66,36 @@ def _save_for_pool_backward(ctx, inputs, output):
 
 def _pool_backward(ctx, grad_out):
     (offsets,) = ctx.saved_tensors
-    if ctx.mean:
-        lengths = offsets.diff().clamp(min=1).to(torch.float32)
-        grad_out = (grad_out.float() / lengths[:, None]).to(grad_out.dtype)
-    # Row b's gradient at each of its positions: a stride-0 "dense" [B, T, D] view, long
-    # enough for any row, gathered by the dense_to_jagged kernel.
-    expanded = grad_out[:, None, :].expand(grad_out.shape[0], max(ctx.total_len, 1), grad_out.shape[1])
-    return _launch_dense_to_jagged(expanded, offsets, ctx.total_len), None, None
+    return _launch_pool_backward(grad_out, offsets, ctx.total_len, ctx.mean), None, None
 
 
+@jagged_op("jagged_pool_backward")
+def _launch_pool_backward(grad_out: torch.Tensor, offsets: torch.Tensor, total_len: int, mean: bool) -> torch.Tensor:
+    """grad_out [B, D] -> [T, D]: row b's gradient (over its length if ``mean``) at each of its
+    positions. One kernel: on an eager host the division as separate torch ops cost more than
+    the gather (H100 host, B=1024 max_L=512 D=128 bf16: jagged_mean f+b 713 -> see NOTES)."""
+    # A stride-0 "dense" [B, T, D] view, long enough for any row.
+    expanded = grad_out[:, None, :].expand(grad_out.shape[0], max(total_len, 1), grad_out.shape[1])
+    return gather_from_dense(expanded, offsets, total_len, op=GATHER_ROW_MEAN if mean else GATHER)
+
+
+@_launch_pool_backward.register_fake
+def _(grad_out, offsets, total_len, mean):
+    return grad_out.new_empty((total_len, grad_out.shape[1]))
+
+
+def _save_for_pool_double_backward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.mean = inputs[3]
+
+
+def _pool_double_backward(ctx, grad_values):
+    # The broadcast's adjoint is the pooling itself.
+    (offsets,) = ctx.saved_tensors
+    return _launch_pool(unit_last_stride(grad_values), offsets, ctx.mean), None, None, None
+
+
+_launch_pool_backward.register_autograd(_pool_double_backward, setup_context=_save_for_pool_double_backward)
 _launch_pool.register_autograd(_pool_backward, setup_context=_save_for_pool_backward)
 
 
