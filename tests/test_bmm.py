@@ -1,6 +1,8 @@
 """jagged_dense_bmm / jagged_jagged_bmm: kernels against the float64 reference, forward and the
 gradients of both operands."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given
@@ -68,6 +70,16 @@ def test_jagged_jagged_bmm_property(lengths, m_dim, n_dim, dtype, offsets_dtype)
     check_jagged_jagged_bmm(lengths, m_dim, n_dim, dtype, offsets_dtype)
 
 
+@given(lengths=lengths_strategy(max_len=40), k_dim=st.sampled_from([8, 24]), n_dim=st.sampled_from([3, 40]),
+       programs_per_sm=st.sampled_from([1, 3]))
+def test_jagged_dense_bmm_persistent(lengths, k_dim, n_dim, programs_per_sm):
+    # The persistent kernel (a fixed grid looping over tiles, spare slots included) with small
+    # tiles: fewer programs than tiles, so each program runs several, of different rows.
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, PROGRAMS_PER_SM=programs_per_sm)
+    with mock.patch.object(bmm, "_dense_bmm_tiles", lambda *args: tiles):
+        check_jagged_dense_bmm(lengths, k_dim, n_dim, torch.float32)
+
+
 def test_bad_input():
     x = JaggedTensor(random_values((9, 4), torch.float32), make_offsets([4, 5]))
     with pytest.raises(ValueError, match=r"y must be \[B=2, K=4, N\]"):
@@ -88,9 +100,10 @@ def test_bad_input():
 
 @pytest.mark.skipif(not ON_GPU, reason="sizes and bfloat16 for the GPU")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("dims", [(64, 64), (128, 256), (256, 128), (100, 72)], ids=str)
+@pytest.mark.parametrize("dims", [(64, 64), (128, 256), (256, 128), (100, 72), (200, 300)], ids=str)
 @pytest.mark.parametrize("spread", ["skewed", "even"])
 def test_gpu_sizes(dtype, dims, spread):
+    # 16-bit N > 128: the persistent kernel (300: two column blocks, the second partial)
     # skewed: the mean row is under bmm.SKEWED_FILL of the longest (other jagged_jagged_bmm tiles)
     low = 0 if spread == "skewed" else 250
     lengths = torch.randint(low, 300, (60,)).tolist() + ([1500, 0] if spread == "skewed" else [])

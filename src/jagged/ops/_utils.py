@@ -7,15 +7,22 @@ synchronising check, :func:`check_offsets_content`, is called only where the cal
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import operator
 import os
 
 import torch
+import triton.language as tl
 
 # Triton decides at ``@triton.jit`` time whether kernels run in its CPU interpreter, from this
 # variable; reading it at import time (when our kernels are decorated) gives the same answer.
 TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# tl.range(..., flatten=True) (Triton >= 3.3): the persistent kernels need it; older Triton gets
+# the one-program-per-tile launch instead.
+RANGE_FLATTEN = "flatten" in inspect.signature(tl.range).parameters
 
 OFFSET_DTYPES = (torch.int32, torch.int64)
 MATMUL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -32,6 +39,19 @@ def next_power_of_2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device (the size of a persistent grid); 4 elsewhere (the interpreter), so
+    that a test's tiles are spread over several programs."""
+    if device.type != "cuda":
+        return 4
+    return _multiprocessor_count(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def binary_search_steps(batch_size: int) -> int:

@@ -15,37 +15,67 @@ import triton.language as tl
 from .. import reference
 from ._library import jagged_op
 from ._rows import row_block, row_span
-from ._utils import (TRITON_INTERPRETER, cdiv, check_jagged_matrix, check_same_rows, check_tensor, dot_precision,
-                     slot_search, use_triton)
+from ._utils import (RANGE_FLATTEN, TRITON_INTERPRETER, cdiv, check_jagged_matrix, check_same_rows, check_tensor,
+                     dot_precision, multiprocessor_count, slot_search, use_triton)
 
 
-@triton.jit(do_not_specialize=["batch_size", "row_search"])
-def _jagged_dense_bmm_kernel(
-    x_ptr, y_ptr, out_ptr, offsets_ptr, batch_size, row_search, k_dim, n_dim,
+@triton.jit
+def _jagged_dense_bmm_tile(
+    x_ptr, y_ptr, out_ptr, row, begin, length, block, col_block, k_dim, k_end, n_dim,
     stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # One program per (block of BLOCK_M tokens of one row, block of output columns): the row's
-    # tokens times the row's own [K, N] matrix. Work slots cover real tokens only (see find_row).
-    row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search,
-                                          BLOCK_M, True)
-    if block * BLOCK_M < length:
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        tokens = begin + offs_m
-        m_ok = offs_m < length
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = cols < n_dim
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, k_dim, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < k_dim
-            a = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xk,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(y_ptr + row * stride_yb + ks[:, None] * stride_yk + cols[None, :] * stride_yn,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += tl.dot(a, b, input_precision=PRECISION)
-        tl.store(out_ptr + tokens[:, None] * stride_ot + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+    # Output block (block of BLOCK_M tokens of one row, block of columns): the row's tokens times
+    # the row's own [K, N] matrix. Operands are read for k < k_end only (k_end = 0: a spare slot
+    # of the persistent loop, which reads nothing and stores nothing).
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    tokens = begin + offs_m
+    m_ok = offs_m < length
+    cols = col_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cols < n_dim
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_end
+        a = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(y_ptr + row * stride_yb + ks[:, None] * stride_yk + cols[None, :] * stride_yn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+    tl.store(out_ptr + tokens[:, None] * stride_ot + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["batch_size", "row_search", "num_tiles"])
+def _jagged_dense_bmm_kernel(
+    x_ptr, y_ptr, out_ptr, offsets_ptr, batch_size, row_search, k_dim, n_dim, num_tiles,
+    stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    # Work slots cover real tokens only (see find_row). PERSISTENT: a fixed grid of programs,
+    # each looping over (slot, column block) tiles, the tile loop flattened with the K loop so that
+    # the next tile's loads are in flight during this tile's epilogue (the big 16-bit tiles fit one
+    # program an SM, which otherwise leaves nothing to overlap a program's prologue and epilogue).
+    # Else one program per (slot, column block).
+    if PERSISTENT:
+        col_blocks = tl.cdiv(n_dim, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            slot = tile // col_blocks
+            row, begin, length, block = row_block(offsets_ptr, slot.to(tl.int64), batch_size, row_search, BLOCK_M,
+                                                  True)
+            _jagged_dense_bmm_tile(
+                x_ptr, y_ptr, out_ptr, row, begin, length, block, tile % col_blocks, k_dim,
+                tl.where(block * BLOCK_M < length, k_dim, 0), n_dim, stride_xt, stride_xk, stride_yb, stride_yk,
+                stride_yn, stride_ot, stride_on, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search,
+                                              BLOCK_M, True)
+        if block * BLOCK_M < length:
+            _jagged_dense_bmm_tile(
+                x_ptr, y_ptr, out_ptr, row, begin, length, block, tl.program_id(1), k_dim, k_dim, n_dim,
+                stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
+                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -79,11 +109,16 @@ def _jagged_jagged_bmm_kernel(
 def _dense_bmm_tiles(k_dim: int, n_dim: int, element_size: int) -> dict:
     """jagged_dense_bmm blocks (tokens x output columns x reduction). 16 under the interpreter
     (small test shapes span several blocks); on the GPU the winners of benchmarks/tune_ops.py
-    for 16-bit types (benchmarks/NOTES.md), smaller tiles for float32 (twice the bytes a tile)."""
+    for 16-bit types (benchmarks/NOTES.md), smaller tiles for float32 (twice the bytes a tile).
+    ``PROGRAMS_PER_SM`` > 0: the persistent kernel with that many programs per SM. H100, bf16,
+    B=256, max_L=1024, D=256: 142 -> 150 TFLOP/s (skewed lengths), 207 -> 229 (uniform); at N <=
+    128 (several programs an SM already overlap) it was slower: 85.7 -> 80.8 TFLOP/s at D=128."""
     if TRITON_INTERPRETER:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
     if element_size > 2:
         return dict(BLOCK_M=64, BLOCK_N=128 if n_dim > 64 else 64, BLOCK_K=32, num_warps=4, num_stages=3)
+    if n_dim > 128 and RANGE_FLATTEN:
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=1)
     if n_dim > 128:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
     if n_dim > 64:
@@ -122,11 +157,17 @@ def _launch_jagged_dense_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Te
     out = torch.empty((total, n_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    tiles = _dense_bmm_tiles(k_dim, n_dim, x.element_size())
-    grid = (batch_size + total // tiles["BLOCK_M"], cdiv(n_dim, tiles["BLOCK_N"]))
+    tiles = dict(_dense_bmm_tiles(k_dim, n_dim, x.element_size()))
+    programs_per_sm = tiles.pop("PROGRAMS_PER_SM", 0)
+    slots, col_blocks = batch_size + total // tiles["BLOCK_M"], cdiv(n_dim, tiles["BLOCK_N"])
+    if programs_per_sm:
+        grid = (min(slots * col_blocks, programs_per_sm * multiprocessor_count(x.device)),)
+    else:
+        grid = (slots, col_blocks)
     _jagged_dense_bmm_kernel[grid](
-        x, y, out, offsets, batch_size, slot_search(batch_size), k_dim, n_dim,
-        *x.stride(), *y.stride(), *out.stride(), PRECISION=dot_precision(x.dtype), **tiles)
+        x, y, out, offsets, batch_size, slot_search(batch_size), k_dim, n_dim, slots * col_blocks,
+        *x.stride(), *y.stride(), *out.stride(), PRECISION=dot_precision(x.dtype), PERSISTENT=programs_per_sm > 0,
+        **tiles)
     return out
 
 
