@@ -73,13 +73,15 @@ def row_span(offsets_ptr, row):
 
 
 @triton.jit
-def load_row_chunk(ptr, begin, start, length, cols, col_ok, stride_t, other, BLOCK_T: tl.constexpr):
+def load_row_chunk(ptr, begin, start, length, cols, col_ok, stride_t, other, BLOCK_T: tl.constexpr,
+                   EVICTION: tl.constexpr = ""):
     """Tokens [start, start + BLOCK_T) of a row (masked to the row) x feature columns ``cols``
-    (unit stride), as float32; ``other`` outside. Returns the tile and its row mask."""
+    (unit stride), as float32; ``other`` outside. Returns the tile and its row mask. EVICTION:
+    the load's L2 eviction policy ("evict_first" for a kernel's last read of the data)."""
     pos = start + tl.arange(0, BLOCK_T)
     in_row = pos < length
     tile = tl.load(ptr + (begin + pos)[:, None] * stride_t + cols[None, :],
-                   mask=in_row[:, None] & col_ok[None, :], other=other)
+                   mask=in_row[:, None] & col_ok[None, :], other=other, eviction_policy=EVICTION)
     return tile.to(tl.float32), in_row
 
 
