@@ -74,10 +74,12 @@ def row_span(offsets_ptr, row):
 
 @triton.jit
 def load_row_chunk(ptr, begin, start, length, cols, col_ok, stride_t, other, BLOCK_T: tl.constexpr,
-                   EVICTION: tl.constexpr = ""):
+                   EVICTION: tl.constexpr = tl.constexpr("")):
     """Tokens [start, start + BLOCK_T) of a row (masked to the row) x feature columns ``cols``
     (unit stride), as float32; ``other`` outside. Returns the tile and its row mask. EVICTION:
-    the load's L2 eviction policy ("evict_first" for a kernel's last read of the data)."""
+    the load's L2 eviction policy ("evict_first" for a kernel's last read of the data; the
+    default is a constexpr, not a str: Triton's calls between jit functions take a str default
+    for a runtime value)."""
     pos = start + tl.arange(0, BLOCK_T)
     in_row = pos < length
     tile = tl.load(ptr + (begin + pos)[:, None] * stride_t + cols[None, :],
