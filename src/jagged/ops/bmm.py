@@ -21,22 +21,27 @@ from ._utils import (RANGE_FLATTEN, TRITON_INTERPRETER, cdiv, check_jagged_matri
 
 @triton.jit
 def _jagged_dense_bmm_tile(
-    x_ptr, y_ptr, out_ptr, row, begin, length, block, col_block, k_dim, k_end, n_dim,
+    x_ptr, y_ptr, out_ptr, row, begin, length, block, col_block, k_dim, n_dim,
     stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    MAY_BE_SPARE: tl.constexpr,
 ):
     # Output block (block of BLOCK_M tokens of one row, block of columns): the row's tokens times
-    # the row's own [K, N] matrix. Operands are read for k < k_end only (k_end = 0: a spare slot
-    # of the persistent loop, which reads nothing and stores nothing).
+    # the row's own [K, N] matrix. MAY_BE_SPARE: the block may lie past the row's end (a spare
+    # slot of the persistent loop), and then reads and stores nothing.
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     tokens = begin + offs_m
     m_ok = offs_m < length
-    cols = col_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.cast(col_block, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < n_dim
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_end
+        k_ok = ks < k_dim
+        if MAY_BE_SPARE:
+            # A vector of one value rather than a runtime bound on k, so that k_ok keeps k_dim's
+            # known divisibility, which the loads' vector width depends on.
+            k_ok = k_ok & (block * BLOCK_M + ks * 0 < length)
         a = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(y_ptr + row * stride_yb + ks[:, None] * stride_yk + cols[None, :] * stride_yn,
@@ -51,31 +56,32 @@ def _jagged_dense_bmm_kernel(
     x_ptr, y_ptr, out_ptr, offsets_ptr, batch_size, row_search, k_dim, n_dim, num_tiles,
     stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, COL_BLOCKS: tl.constexpr,
 ):
     # Work slots cover real tokens only (see find_row). PERSISTENT: a fixed grid of programs,
     # each looping over (slot, column block) tiles, the tile loop flattened with the K loop so that
     # the next tile's loads are in flight during this tile's epilogue (the big 16-bit tiles fit one
     # program an SM, which otherwise leaves nothing to overlap a program's prologue and epilogue).
-    # Else one program per (slot, column block).
+    # Else one program per (slot, column block). COL_BLOCKS = cdiv(N, BLOCK_N) is a constexpr for
+    # the persistent loop: divided by a runtime count, the flattened loop lost its 3-stage
+    # pipeline and vector stores (sm_90 PTX; 3x slower on the H100).
     if PERSISTENT:
-        col_blocks = tl.cdiv(n_dim, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            slot = tile // col_blocks
-            row, begin, length, block = row_block(offsets_ptr, slot.to(tl.int64), batch_size, row_search, BLOCK_M,
+            slot = tile // COL_BLOCKS
+            row, begin, length, block = row_block(offsets_ptr, tl.cast(slot, tl.int64), batch_size, row_search, BLOCK_M,
                                                   True)
             _jagged_dense_bmm_tile(
-                x_ptr, y_ptr, out_ptr, row, begin, length, block, tile % col_blocks, k_dim,
-                tl.where(block * BLOCK_M < length, k_dim, 0), n_dim, stride_xt, stride_xk, stride_yb, stride_yk,
-                stride_yn, stride_ot, stride_on, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                x_ptr, y_ptr, out_ptr, row, begin, length, block, tile % COL_BLOCKS, k_dim, n_dim,
+                stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
+                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, True)
     else:
         row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search,
                                               BLOCK_M, True)
         if block * BLOCK_M < length:
             _jagged_dense_bmm_tile(
-                x_ptr, y_ptr, out_ptr, row, begin, length, block, tl.program_id(1), k_dim, k_dim, n_dim,
+                x_ptr, y_ptr, out_ptr, row, begin, length, block, tl.program_id(1), k_dim, n_dim,
                 stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
-                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, False)
 
 
 @triton.jit
@@ -167,7 +173,7 @@ def _launch_jagged_dense_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Te
     _jagged_dense_bmm_kernel[grid](
         x, y, out, offsets, batch_size, slot_search(batch_size), k_dim, n_dim, slots * col_blocks,
         *x.stride(), *y.stride(), *out.stride(), PRECISION=dot_precision(x.dtype), PERSISTENT=programs_per_sm > 0,
-        **tiles)
+        COL_BLOCKS=col_blocks if programs_per_sm else 1, **tiles)
     return out
 
 
