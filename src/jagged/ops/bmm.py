@@ -34,18 +34,19 @@ def _jagged_dense_bmm_tile(
     m_ok = offs_m < length
     cols = tl.cast(col_block, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < n_dim
+    y_cols_ok = n_ok
+    if MAY_BE_SPARE:
+        # m_ok already masks a spare block's x; its y is masked by a vector of one value (not a
+        # runtime bound, so the mask keeps n_dim's known divisibility: the loads' vector width).
+        y_cols_ok = n_ok & (block * BLOCK_M + cols * 0 < length)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_dim
-        if MAY_BE_SPARE:
-            # A vector of one value rather than a runtime bound on k, so that k_ok keeps k_dim's
-            # known divisibility, which the loads' vector width depends on.
-            k_ok = k_ok & (block * BLOCK_M + ks * 0 < length)
         a = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(y_ptr + row * stride_yb + ks[:, None] * stride_yk + cols[None, :] * stride_yn,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    mask=k_ok[:, None] & y_cols_ok[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PRECISION)
     tl.store(out_ptr + tokens[:, None] * stride_ot + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
