@@ -2,7 +2,8 @@
 CUDA-graph replays of the launcher: kernels of tens of us, whose eager timing would include the
 host's launch cost), each config's output checked against the default config's. One line per
 (shape, kernel, config); the winners go into ops/bmm.py (*_tiles) and ops/softmax.py. A config's
-optional last entry caps the registers per thread (Triton's ``maxnreg``): more programs per SM.
+optional sixth entry caps the registers per thread (Triton's ``maxnreg``): more programs per SM;
+a seventh runs jagged_dense_bmm's persistent kernel with that many programs per SM.
 
     python benchmarks/tune_ops.py [--kernel jagged_dense_bmm|jagged_jagged_bmm|softmax] [--lengths unif|skew]
                                   [--dtype bf16|fp32]
@@ -16,12 +17,14 @@ from _common import bench_graph, jagged_inputs
 from jagged.ops import bmm, softmax
 
 SHAPES = [(1024, 512, 128), (256, 1024, 256)]  # B, max_L, D (the shapes)
-BMM = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, maxnreg]
+BMM = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, maxnreg (None: no cap)[, PROGRAMS_PER_SM]]
     (64, 128, 64, 4, 2), (64, 128, 64, 4, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
     (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 64, 4, 3), (32, 128, 64, 4, 3),
     (64, 128, 128, 4, 2), (64, 128, 64, 8, 2), (64, 128, 64, 8, 3), (64, 128, 32, 4, 2, 96), (64, 128, 64, 4, 2, 96),
     (64, 128, 32, 8, 3), (64, 256, 64, 8, 2), (64, 256, 32, 8, 3), (64, 256, 32, 8, 4), (128, 256, 64, 8, 2),
     (128, 256, 32, 8, 3), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3, 96), (32, 256, 64, 4, 3),
+    (128, 256, 64, 8, 3, None, 1), (128, 256, 64, 8, 4, None, 1), (64, 256, 64, 8, 3, None, 2),
+    (64, 128, 64, 4, 3, None, 4), (64, 128, 32, 4, 4, None, 3),
 ]
 SOFTMAX = [  # tile bytes, max columns per program, num_warps[, maxnreg]
     (16384, 64, 4), (16384, 64, 8), (16384, 64, 4, 96), (16384, 64, 4, 80), (16384, 64, 4, 64), (16384, 64, 8, 64),
@@ -38,9 +41,11 @@ def sweep_bmm(kernel, values, offsets, dense, label):
     tiles_name = "_dense_bmm_tiles" if kernel == "jagged_dense_bmm" else "_jagged_bmm_tiles"
     default_tiles = getattr(bmm, tiles_name)
     for config in BMM:
+        if len(config) > 6 and kernel != "jagged_dense_bmm":
+            continue  # persistent configs: jagged_dense_bmm only
         setattr(bmm, tiles_name,
-                lambda a, b, e, c=config: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
-                                                    "maxnreg"), c)))
+                lambda *_, c=config: {k: v for k, v in zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
+                                                            "maxnreg", "PROGRAMS_PER_SM"), c) if v is not None})
         try:
             err = float((launch(*args).float() - expected).norm() / expected.norm())
             ms = bench_graph(lambda: launch(*args))
