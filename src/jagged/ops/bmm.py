@@ -74,7 +74,7 @@ def _jagged_dense_bmm_kernel(
     # program an SM, which otherwise leaves nothing to overlap a program's prologue and epilogue).
     # Else one program per (slot, column block). COL_BLOCKS = cdiv(N, BLOCK_N) is a constexpr for
     # the persistent loop: divided by a runtime count, the flattened loop lost its 3-stage
-    # pipeline and vector stores (sm_90 PTX; 3x slower on the H100).
+    # pipeline and vector stores (sm_90 PTX; benchmarks/NOTES.md, session 11).
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             slot = tile // COL_BLOCKS
