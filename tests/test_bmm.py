@@ -70,11 +70,12 @@ def test_jagged_jagged_bmm_property(lengths, m_dim, n_dim, dtype, offsets_dtype)
     check_jagged_jagged_bmm(lengths, m_dim, n_dim, dtype, offsets_dtype)
 
 
-@given(lengths=lengths_strategy(max_len=40), k_dim=st.sampled_from([8, 24]), n_dim=st.sampled_from([3, 40]),
+@given(lengths=lengths_strategy(max_len=40), k_dim=st.sampled_from([8, 24, 32]), n_dim=st.sampled_from([3, 40]),
        programs_per_sm=st.sampled_from([1, 3]))
 def test_jagged_dense_bmm_persistent(lengths, k_dim, n_dim, programs_per_sm):
     # The persistent kernel (a fixed grid looping over tiles, spare slots included) with small
-    # tiles: fewer programs than tiles, so each program runs several, of different rows.
+    # tiles: fewer programs than tiles, so each program runs several, of different rows. K = 32:
+    # BLOCK_K divides K (x unmasked on k); the backward's dx runs it with a transposed y.
     tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, PROGRAMS_PER_SM=programs_per_sm)
     with mock.patch.object(bmm, "_dense_bmm_tiles", lambda *args: tiles):
         check_jagged_dense_bmm(lengths, k_dim, n_dim, torch.float32)
