@@ -6,7 +6,11 @@
 - The compiler treats a name assigned before a loop and again inside it as loop-carried and
   demands one type; the interpreter does not. ``_`` (a discarded int before the loop, a discarded
   mask inside) bit the project this way.
-Both passed CI on CPU and failed on the GPU once; CI runs on CPU, so check the sources here.
+- A str default of a jit helper's parameter (``EVICTION: tl.constexpr = ""``) reaches Triton
+  3.6's compiler as a runtime value when a caller leaves it out ("'str' object has no attribute
+  'type'"); the interpreter, and Triton 3.9's compiler, accept it. A ``tl.constexpr(...)`` default
+  works everywhere.
+Each passed CI on CPU and failed on the GPU once; CI runs on CPU, so check the sources here.
 """
 
 import ast
@@ -80,3 +84,9 @@ def test_discarded_names_are_not_loop_carried(module, fn):
 
 def test_the_check_finds_kernels():
     assert len(list(jitted_functions())) >= 10
+
+
+@pytest.mark.parametrize("module, fn", list(jitted_functions()))
+def test_parameter_defaults_are_not_plain_strings(module, fn):
+    bad = [name for name, p in inspect.signature(fn).parameters.items() if isinstance(p.default, str)]
+    assert not bad, f"{fn.__name__}: parameter(s) {bad} default to a str; use tl.constexpr(\"...\")"
