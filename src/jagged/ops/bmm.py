@@ -133,10 +133,9 @@ def _dense_bmm_tiles(k_dim: int, n_dim: int, element_size: int) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
     if element_size > 2:
         return dict(BLOCK_M=64, BLOCK_N=128 if n_dim > 64 else 64, BLOCK_K=32, num_warps=4, num_stages=3)
-    if n_dim > 128 and RANGE_FLATTEN:
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=1)
     if n_dim > 128:
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
+                    PROGRAMS_PER_SM=1 if RANGE_FLATTEN else 0)
     if n_dim > 64:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if k_dim <= 64 else 64, num_warps=4, num_stages=3)
