@@ -29,6 +29,7 @@ def jitted_functions():
     for info in pkgutil.iter_modules(jagged.ops.__path__):
         module = importlib.import_module(f"jagged.ops.{info.name}")
         for name, obj in vars(module).items():
+            obj = getattr(obj, "kernel", obj) if type(obj).__name__ == "FastLaunch" else obj  # ops/_launch.py
             fn = getattr(obj, "fn", None)  # JITFunction and the interpreter's wrapper both keep .fn
             if callable(fn) and getattr(fn, "__module__", None) == module.__name__ and \
                     type(obj).__name__ in ("JITFunction", "InterpretedFunction"):

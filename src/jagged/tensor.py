@@ -226,7 +226,14 @@ class JaggedTensor(RowLayout):
         check_tensor(values, "values")
         if values.dim() < 1 or values.shape[0] != self.total_len:
             raise ValueError(f"values must have shape [T={self.total_len}, ...], got {tuple(values.shape)}")
-        return JaggedTensor(values, self._offsets.to(values.device), max_len=self._max_len, validate=False)
+        offsets = self._offsets
+        if offsets.device != values.device:
+            offsets = offsets.to(values.device)
+        # The offsets and max_len were checked when self was built: not again (this runs on the
+        # host path of every op that returns a JaggedTensor).
+        jt = JaggedTensor.__new__(JaggedTensor)
+        jt._values, jt._offsets, jt._max_len = values, offsets, self._max_len
+        return jt
 
     def to(self, *args, **kwargs) -> "JaggedTensor":
         """``values.to(*args, **kwargs)``; the offsets follow the device only (keep their dtype)."""

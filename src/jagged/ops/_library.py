@@ -20,14 +20,6 @@ import torch
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(args) -> bool:
-    """True outside torch.compile and tracing: no dispatch mode (fake, proxy, functional,
-    selective checkpointing) is active and every tensor argument is an ordinary tensor."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
-
-
 class JaggedOp:
     """A launcher registered as ``jagged::<name>``; called like the launcher (positional args)."""
 
@@ -64,10 +56,18 @@ class JaggedOp:
             if len(args) < self._required:
                 raise TypeError(f"{self.impl.__name__}() takes at least {self._required} arguments, got {len(args)}")
             args += self._defaults[len(args):]
-        if not _plain_eager(args):
+        # The custom op outside plain eager calls: under torch.compile or tracing, with a dispatch
+        # mode active (fake, proxy, functional, selective checkpointing), or with a tensor
+        # subclass among the arguments. One pass over the arguments (this runs on every call).
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
             return self.op(*args)
-        if self._function is not None and torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        wants_grad = False
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if type(a) not in _PLAIN_TENSOR_TYPES:
+                    return self.op(*args)
+                wants_grad = wants_grad or a.requires_grad
+        if wants_grad and self._function is not None and torch.is_grad_enabled():
             return self._function.apply(*args)
         return self.impl(*args)
 

@@ -26,14 +26,17 @@ from ._attention_scores import (accumulate_bias_grad, dropout_keep, finish_bias_
                                 full_query_tiles_start, key_range, pointwise_activation, pointwise_activation_grad,
                                 query_range, relative_bias, visible)
 from ._library import jagged_op
+from ._launch import fast_launch
 from ._rows import row_block, row_span
 from ._utils import (TRITON_INTERPRETER, check_max_len, check_offsets, check_offsets_content, check_same_rows, check_tensor,
-                     dot_precision, next_power_of_2, slot_search, unit_last_stride, use_triton)
+                     dot_precision, jagged_tensor_type, next_power_of_2, slot_search, unit_last_stride,
+                     use_triton)
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 # Tokens per q / k values: the kernels' work-slot search runs in int32 (ops/_rows.py: find_row).
 MAX_TOKENS = 2 ** 31 - 1
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -164,6 +167,7 @@ def _forward_tile(
 # stores fold away at power-of-two dims (H100, D=64: max_L=4096 1250 -> 1137-1184 us, max_L=256
 # 53 -> 52 us). The backward keeps them runtime values: as constexprs its non-causal long rows got
 # slower (max_L=1024 f+b 1553 -> 1709-1734 us; benchmarks/NOTES.md, session 7).
+@fast_launch
 @triton.jit(do_not_specialize=["batch_size", "row_search", "contextual_len", "window", "max_distance", "seed"])
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr,
@@ -225,6 +229,7 @@ def _attention_forward_kernel(
              out.to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["total_q"])
 def _attention_backward_delta_kernel(
     o_ptr, do_ptr, delta_ptr, total_q, head_dim_v: tl.constexpr, stride_ot, stride_oh, stride_dot, stride_doh,
@@ -439,6 +444,7 @@ def _backward_dq(
                  mask=query_ok[:, None] & (offs_d < head_dim)[None, :])
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["batch_size", "row_search", "num_kv_slots", "contextual_len", "window",
                                "max_distance", "seed"])
 def _attention_backward_kernel(
@@ -681,29 +687,35 @@ _attention_forward.register_autograd(_attention_autograd_backward, setup_context
 
 
 def _check_attention_inputs(q, k, v, q_offsets, k_offsets):
+    # Written for the host path (it runs on every call): each attribute read once.
     for name, x in (("q", q), ("k", k), ("v", v), ("q_offsets", q_offsets), ("k_offsets", k_offsets)):
         check_tensor(x, name)
+    dtype, device = q.dtype, q.device
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 3:
-            raise ValueError(f"{name} values must be 3-D [T, H, D], got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
-        if x.dtype != q.dtype or x.device != q.device:
-            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {x.dtype}, {x.device}")
-        if not 1 <= x.shape[2] <= MAX_HEAD_DIM:
-            raise ValueError(f"{name}'s head dim must be in [1, {MAX_HEAD_DIM}], got {x.shape[2]}")
-        if x.shape[0] > MAX_TOKENS:
-            raise ValueError(f"{name} has {x.shape[0]} tokens; jagged attention takes at most 2^31 - 1 (its kernels "
+        shape = x.shape
+        if len(shape) != 3:
+            raise ValueError(f"{name} values must be 3-D [T, H, D], got shape {tuple(shape)}")
+        x_dtype = x.dtype
+        if x_dtype not in _ATTENTION_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x_dtype}")
+        if x is not q and (x_dtype != dtype or x.device != device):
+            raise ValueError(f"{name} must have q's dtype and device ({dtype}, {device}), got {x_dtype}, {x.device}")
+        if not 1 <= shape[2] <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}'s head dim must be in [1, {MAX_HEAD_DIM}], got {shape[2]}")
+        if shape[0] > MAX_TOKENS:
+            raise ValueError(f"{name} has {shape[0]} tokens; jagged attention takes at most 2^31 - 1 (its kernels "
                              "find a block's row in int32, as FA2's int32 offsets also limit it)")
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(f"k and v must have the same [T_k, H], got {tuple(k.shape[:2])} and {tuple(v.shape[:2])}")
     if q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must have the same heads and head dim, got [.., {q.shape[1]}, {q.shape[2]}] "
                          f"and [.., {k.shape[1]}, {k.shape[2]}]")
-    for name, off in (("q_offsets", q_offsets), ("k_offsets", k_offsets)):
-        check_offsets(off, name=name, device=q.device)
-    if q_offsets.numel() != k_offsets.numel():
-        raise ValueError(f"q and k must have the same batch size, got {q_offsets.numel() - 1} and {k_offsets.numel() - 1}")
+    check_offsets(q_offsets, name="q_offsets", device=device)
+    if k_offsets is not q_offsets:
+        check_offsets(k_offsets, name="k_offsets", device=device)
+        if q_offsets.numel() != k_offsets.numel():
+            raise ValueError(f"q and k must have the same batch size, got {q_offsets.numel() - 1} and "
+                             f"{k_offsets.numel() - 1}")
 
 
 def jagged_flash_attention_values(
@@ -790,8 +802,7 @@ def _jagged_rows(q, k, v) -> Optional[int]:
     """Check that q, k, v are JaggedTensors and v has k's rows; return the longest row of q and k
     if both JaggedTensors know it (no sync), else None. Their offsets were checked when they were
     built (or the caller opted out)."""
-    from ..tensor import JaggedTensor
-
+    JaggedTensor = jagged_tensor_type()
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, JaggedTensor):
             raise TypeError(f"{name} must be a jagged.JaggedTensor, got {type(x).__name__}")
@@ -900,6 +911,7 @@ def attention_dropout_shape(q, k) -> tuple[int, int, int, int]:
     return (q_lengths.numel(), q.values.shape[1], max_q, max_k)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["batch_size", "row_search", "seed"])
 def _dropout_mask_kernel(keep_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, row_search, dropout_p, seed,
                          stride_kb, stride_kh, stride_ki, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

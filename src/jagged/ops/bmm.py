@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .. import reference
 from ._library import jagged_op
+from ._launch import fast_launch
 from ._rows import row_block, row_span
 from ._utils import (RANGE_FLATTEN, TRITON_INTERPRETER, cdiv, check_jagged_matrix, check_same_rows, check_tensor,
                      dot_precision, multiprocessor_count, slot_search, use_triton)
@@ -61,6 +62,7 @@ def _jagged_dense_bmm_tile(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["batch_size", "row_search", "num_tiles"])
 def _jagged_dense_bmm_kernel(
     x_ptr, y_ptr, out_ptr, offsets_ptr, batch_size, row_search, k_dim, n_dim, num_tiles,
@@ -94,6 +96,7 @@ def _jagged_dense_bmm_kernel(
                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, False, EVEN_K, Y_ROW_MAJOR)
 
 
+@fast_launch
 @triton.jit
 def _jagged_jagged_bmm_kernel(
     x_ptr, y_ptr, out_ptr, offsets_ptr, m_dim, n_dim,

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .. import reference
 from ._library import jagged_op
+from ._launch import fast_launch
 from ._rows import find_row
 from ._utils import (
     binary_search_steps,
@@ -28,6 +29,7 @@ from ._utils import (
 )
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["total_len", "max_len", "num_pos_blocks"])
 def _jagged_to_padded_dense_kernel(
     values_ptr, offsets_ptr, dense_ptr,
@@ -65,6 +67,7 @@ def _jagged_to_padded_dense_kernel(
 GATHER, GATHER_ADD, GATHER_MUL, GATHER_ROW_MEAN = 0, 1, 2, 3
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["total_len", "batch_size", "dense_len", "search_steps"])
 def _dense_to_jagged_kernel(
     dense_ptr, offsets_ptr, values_ptr, jagged_ptr,

@@ -11,7 +11,7 @@ import torch
 
 from .. import reference
 from ._library import jagged_op
-from ._utils import check_tensor, flatten_features, unflatten_features, use_triton
+from ._utils import check_tensor, flatten_features, jagged_tensor_type, unflatten_features, use_triton
 from .conversions import GATHER_ADD, GATHER_MUL, _launch_jagged_to_padded_dense, gather_from_dense
 
 
@@ -50,8 +50,7 @@ _jagged_dense_elementwise.register_autograd(_jagged_dense_elementwise_backward,
 
 
 def _elementwise(x, y, op, name):
-    from ..tensor import JaggedTensor
-
+    JaggedTensor = jagged_tensor_type()
     if not isinstance(x, JaggedTensor):
         raise TypeError(f"x must be a jagged.JaggedTensor, got {type(x).__name__}")
     check_tensor(y, "y")

@@ -17,11 +17,13 @@ import triton.language as tl
 
 from .. import reference
 from ._library import jagged_op
+from ._launch import fast_launch
 from ._rows import square_block_lines, square_tile_offsets
 from ._utils import (TRITON_INTERPRETER, cdiv, check_jagged2, check_jagged_matrix, check_same_rows, dot_precision,
                      slot_search, unit_last_stride, use_triton)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["batch_size", "row_search"])
 def _jagged_jagged_bmm_jagged_out_kernel(
     x_ptr, y_ptr, out_ptr, offsets_ptr, square_offsets_ptr, batch_size, row_search, k_dim,
@@ -50,6 +52,7 @@ def _jagged_jagged_bmm_jagged_out_kernel(
                      acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["batch_size", "row_search"])
 def _jagged2_jagged_bmm_kernel(
     p_ptr, v_ptr, out_ptr, offsets_ptr, square_offsets_ptr, batch_size, row_search, n_dim,

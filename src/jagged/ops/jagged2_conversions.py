@@ -9,11 +9,13 @@ import triton.language as tl
 
 from .. import reference
 from ._library import jagged_op
+from ._launch import fast_launch
 from ._rows import find_row, row_span, square_tile_offsets
 from ._utils import (TRITON_INTERPRETER, binary_search_steps, cdiv, check_max_len, check_offsets,
                      check_offsets_content, check_tensor, unit_last_stride, use_triton)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["max_len", "num_line_blocks"])
 def _jagged2_to_padded_dense_kernel(
     values_ptr, offsets_ptr, square_offsets_ptr, dense_ptr, max_len, num_line_blocks, padding_value,
@@ -35,6 +37,7 @@ def _jagged2_to_padded_dense_kernel(
              mask=(offs_m < max_len)[:, None] & (offs_n < max_len)[None, :])
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["total_square", "batch_size", "search_steps", "dense_lines", "dense_cols"])
 def _dense_to_jagged2_kernel(
     dense_ptr, offsets_ptr, square_offsets_ptr, values_ptr, total_square, batch_size, search_steps,

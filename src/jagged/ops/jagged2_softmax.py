@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .. import reference
 from ._library import jagged_op
+from ._launch import fast_launch
 from ._online_softmax import online_softmax_step, softmax_weights
 from ._rows import square_block_lines, square_tile_offsets
 from ._utils import TRITON_INTERPRETER, check_jagged2, slot_search, unit_last_stride, use_triton
@@ -26,6 +27,7 @@ def _visible_tile(square_begin, length, offs_m, start, CAUSAL: tl.constexpr, BLO
     return square_tile_offsets(square_begin, length, offs_m, offs_n, False), inside, visible
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["batch_size", "row_search"])
 def _jagged2_softmax_forward_kernel(
     s_ptr, y_ptr, offsets_ptr, square_offsets_ptr, batch_size, row_search,
@@ -54,6 +56,7 @@ def _jagged2_softmax_forward_kernel(
             tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["batch_size", "row_search"])
 def _jagged2_softmax_backward_kernel(
     y_ptr, dy_ptr, dx_ptr, offsets_ptr, square_offsets_ptr, batch_size, row_search,

@@ -14,12 +14,14 @@ import triton.language as tl
 
 from .. import reference
 from ._library import jagged_op
+from ._launch import fast_launch
 from ._rows import load_row_chunk, row_span
 from ._utils import (check_float_features, row_walk_launch, rows_as_matrix, unflatten_features, unit_last_stride,
                      use_triton)
 from .conversions import GATHER, GATHER_ROW_MEAN, gather_from_dense
 
 
+@fast_launch
 @triton.jit
 def _jagged_pool_kernel(
     values_ptr, offsets_ptr, out_ptr, feature_dim, stride_vt, stride_ob,

@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .. import reference
 from ._library import jagged_op
+from ._launch import fast_launch
 from ._online_softmax import online_softmax_step, softmax_weights
 from ._rows import load_row_chunk, row_span
 from ._utils import (check_float_features, row_walk_launch, rows_as_matrix, unflatten_features, unit_last_stride,
@@ -30,6 +31,7 @@ def _softmax_launch(offsets: torch.Tensor, values2d: torch.Tensor) -> tuple[tupl
                            max_block_d=SOFTMAX_LINE_BYTES // element_size)
 
 
+@fast_launch
 @triton.jit
 def _jagged_softmax_forward_kernel(
     x_ptr, offsets_ptr, y_ptr, feature_dim, stride_xt, stride_yt,
@@ -76,6 +78,7 @@ def _jagged_softmax_forward_kernel(
                      eviction_policy="evict_first")
 
 
+@fast_launch
 @triton.jit
 def _jagged_softmax_backward_kernel(
     y_ptr, dy_ptr, offsets_ptr, dx_ptr, feature_dim, stride_yt, stride_dyt, stride_dxt,

@@ -1,0 +1,160 @@
+"""ops/_launch.py: the cached launch path. Its key must tell apart every pair of calls Triton
+could compile differently (a shared compiled kernel for two of them would be a silent wrong
+result), and a cached launch must hand the kernel its arguments in signature order, defaults
+filled in. On CPU the caching and binding logic runs against a stand-in kernel; on the GPU, real
+kernels with aligned and misaligned pointers are checked against the references."""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import pytest
+import torch
+
+import jagged
+from jagged import reference
+from jagged.ops import _launch
+from jagged.ops import softmax as softmax_ops
+
+from helpers import ON_GPU, assert_close, make_offsets, random_values
+
+
+@pytest.mark.parametrize("a, b", [
+    (1, 2), (16, 17), (16, 32 + 1), (2 ** 31 - 16, 2 ** 31), (2 ** 63 - 16, 2 ** 63), (-16, -17), (1, True),
+    (0, False), (True, False), (1, 1.0), (0.5, None), (16, 16.0),
+])
+def test_argument_key_tells_apart_what_triton_specialises_on(a, b):
+    assert _launch.argument_key(a) != _launch.argument_key(b)
+
+
+@pytest.mark.parametrize("a, b", [(3, 5), (16, 48), (2 ** 31 + 1, 2 ** 40 + 3), (0.5, 2.0), (None, None)])
+def test_argument_key_shares_what_triton_compiles_alike(a, b):
+    assert _launch.argument_key(a) == _launch.argument_key(b)
+
+
+def test_argument_key_of_tensors_is_dtype_and_16_byte_alignment():
+    base = torch.zeros(64, dtype=torch.float32)
+    key = _launch.argument_key
+    assert key(base) == key(base[8:]) == (torch.float32, True)  # 32 bytes in
+    assert key(base[1:]) == key(base[3:]) == (torch.float32, False)  # 4 and 12 bytes in
+    assert key(base.double()) != key(base)
+
+
+class _StandInCompiled:
+    """What Triton's launch returns: records the cached launches made through it."""
+
+    def __init__(self, launches):
+        self.launches, self.function, self.packed_metadata = launches, "function", "metadata"
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+        self.launches.append(("cached", (grid_0, grid_1, grid_2), args))
+
+
+class _StandInKernel:
+    """A jit kernel's surface as FastLaunch uses it: ``params`` and ``kernel[grid](...)``."""
+
+    def __init__(self, fn, constexprs):
+        self.params = [types.SimpleNamespace(name=p.name, is_constexpr=p.name in constexprs, default=p.default)
+                       for p in inspect.signature(fn).parameters.values()]
+        self.signature = inspect.signature(fn)
+        self.launches, self.compiled = [], []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            self.launches.append(("triton", grid, tuple(bound.arguments.values()), options))
+            self.compiled.append(_StandInCompiled(self.launches))
+            return self.compiled[-1]
+        return launch
+
+
+def _kernel(x_ptr, n, scale, stride=1, FLAG=0, BLOCK=16):  # FLAG and BLOCK: constexprs (the fixture)
+    pass
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    driver = types.SimpleNamespace(active=types.SimpleNamespace(get_current_device=lambda: 0,
+                                                                get_current_stream=lambda device: 7))
+    knobs = types.SimpleNamespace(runtime=types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None))
+    monkeypatch.setattr(_launch, "_driver", driver)
+    monkeypatch.setattr(_launch, "_knobs", knobs)
+    kernel = _StandInKernel(_kernel, {"FLAG", "BLOCK"})
+    return kernel, _launch.FastLaunch(kernel)
+
+
+def test_fast_launch_binds_arguments_in_signature_order(stand_in):
+    kernel, launcher = stand_in
+    x = torch.zeros(8)
+    launcher[(3,)](x, 5, 0.5, BLOCK=32, num_warps=4)
+    launcher[(4, 2)](x, 7, 0.25, BLOCK=32, num_warps=4)  # same key: cached, arguments from this call
+    launcher[(5,)](x, n=9, scale=2.0, stride=3, BLOCK=32, num_warps=4)
+    launcher[(6,)](x, n=11, scale=3.0, stride=19, BLOCK=32, num_warps=4)
+    assert kernel.launches == [
+        ("triton", (3,), (x, 5, 0.5, 1, 0, 32), {"num_warps": 4}),
+        ("cached", (4, 2, 1), (x, 7, 0.25, 1, 0, 32)),
+        ("triton", (5,), (x, 9, 2.0, 3, 0, 32), {"num_warps": 4}),
+        ("cached", (6, 1, 1), (x, 11, 3.0, 19, 0, 32)),
+    ]
+
+
+@pytest.mark.parametrize("first, second", [
+    (dict(BLOCK=32), dict(BLOCK=64)),  # a constexpr: by value
+    (dict(num_warps=4), dict(num_warps=8)),  # a launch option: by value
+    (dict(n=5), dict(n=1)),  # == 1 becomes a constant in Triton
+    (dict(n=5), dict(n=32)),  # divisible by 16
+    (dict(n=5), dict(n=2 ** 31 + 1)),  # i64
+    (dict(x=torch.zeros(8)), dict(x=torch.zeros(8)[1:])),  # 16-byte alignment
+    (dict(x=torch.zeros(8)), dict(x=torch.zeros(8, dtype=torch.float16))),
+    (dict(scale=0.5), dict(scale=1)),  # float vs int
+    (dict(n=5, scale=0.5), dict(scale=0.5, n=5)),  # keyword order: its own key (never a wrong one)
+])
+def test_fast_launch_compiles_again_for_a_different_key(stand_in, first, second):
+    kernel, launcher = stand_in
+    for options in (first, second):
+        kwargs = dict(options)  # the case's keywords first, in its order
+        for name, value in dict(n=5, scale=0.5).items():
+            kwargs.setdefault(name, value)
+        launcher[(1,)](kwargs.pop("x", torch.zeros(8)), **kwargs)
+    assert [launch[0] for launch in kernel.launches] == ["triton", "triton"]
+
+
+def test_fast_launch_passes_grid_functions_to_triton(stand_in):
+    kernel, launcher = stand_in
+    for _ in range(2):
+        launcher[lambda meta: (1,)](torch.zeros(8), 5, 0.5)
+    assert [launch[0] for launch in kernel.launches] == ["triton", "triton"]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the cached launch runs on the GPU only (the interpreter has its own)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_launches_with_misaligned_and_aligned_inputs(dtype):
+    # The softmax kernel vectorises loads of 16-byte-aligned rows; a misaligned view after an
+    # aligned call (and back) must get a kernel compiled for it, not the cached aligned one.
+    lengths = [5, 0, 33, 17, 64, 1]
+    offsets = make_offsets(lengths)
+    total, width = sum(lengths), 48
+    base = random_values((total * width + 8,), dtype)
+    launcher = softmax_ops._jagged_softmax_forward_kernel
+    for start in (0, 1, 0, 3, 8, 1):  # elements into the buffer: aligned only at 0 and 8 (float32)
+        values = base[start:start + total * width].view(total, width)
+        x = jagged.JaggedTensor(values, offsets)
+        assert_close(jagged.jagged_softmax(x).values, reference.jagged_softmax(values, offsets), name=f"start {start}")
+    assert isinstance(launcher, _launch.FastLaunch) and len(launcher._kept) >= 2
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the cached launch runs on the GPU only")
+def test_cached_launches_with_unit_and_wide_strides():
+    # A stride of 1 becomes a constant in Triton's compiled kernel: a later call with another
+    # stride, through the cache, must not reuse that kernel.
+    offsets = make_offsets([3, 7, 0, 12])
+    base = random_values((4, 12, 66), torch.float32)
+    for view in (base[..., :32], base[..., ::2][..., :32], base[..., 1:33], base[..., :32], base[..., 2::2]):
+        assert_close(jagged.dense_to_jagged(view, offsets, 22), reference.dense_to_jagged(view, offsets, 22),
+                     exact=True)
