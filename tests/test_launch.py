@@ -146,7 +146,8 @@ def test_cached_launches_with_misaligned_and_aligned_inputs(dtype):
         values = base[start:start + total * width].view(total, width)
         x = jagged.JaggedTensor(values, offsets)
         assert_close(jagged.jagged_softmax(x).values, reference.jagged_softmax(values, offsets), name=f"start {start}")
-    assert isinstance(launcher, _launch.FastLaunch) and len(launcher._kept) >= 2
+    if _launch.ENABLED:  # (JAGGED_FAST_LAUNCH=0: Triton's own path, nothing kept)
+        assert isinstance(launcher, _launch.FastLaunch) and len(launcher._kept) >= 2
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the cached launch runs on the GPU only")
