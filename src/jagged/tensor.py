@@ -231,9 +231,7 @@ class JaggedTensor(RowLayout):
             offsets = offsets.to(values.device)
         # The offsets and max_len were checked when self was built: not again (this runs on the
         # host path of every op that returns a JaggedTensor).
-        jt = JaggedTensor.__new__(JaggedTensor)
-        jt._values, jt._offsets, jt._max_len = values, offsets, self._max_len
-        return jt
+        return _unflatten_jagged([values, offsets], self._max_len)
 
     def to(self, *args, **kwargs) -> "JaggedTensor":
         """``values.to(*args, **kwargs)``; the offsets follow the device only (keep their dtype)."""
@@ -275,7 +273,8 @@ def _flatten_jagged(jt: JaggedTensor):
 
 def _unflatten_jagged(children, max_len) -> JaggedTensor:
     # No checks: pytree utilities rebuild containers around arbitrary leaves (tree_map with a
-    # function returning None or device types, as torch.utils.checkpoint does).
+    # function returning None or device types, as torch.utils.checkpoint does), and with_values
+    # reuses offsets checked before.
     jt = JaggedTensor.__new__(JaggedTensor)
     (jt._values, jt._offsets), jt._max_len = children, max_len
     return jt

@@ -5,7 +5,8 @@ finds the compiled kernel: on the H100 machine's host ~20 us for a 16-argument k
 the launch itself is ~7 us (benchmarks/NOTES.md, session 12). At recommendation-model sizes that
 is as long as the kernel runs. ``fast_launch`` keeps, for each kernel, the compiled kernels
 Triton's own launch returned, keyed by everything Triton specialises on, and launches a kept
-one through ``CompiledKernel[grid]``, Triton's launch of an already compiled kernel.
+one through its ``run`` with the arguments Triton's launch would pass it (as
+``CompiledKernel[grid]``, Triton's launch of an already compiled kernel, does).
 
 The key tells apart every pair of calls that Triton could compile differently, and more:
 constexpr arguments and launch options (``num_warps``, ...) by value; tensors by dtype and
