@@ -62,25 +62,27 @@ def with_register_cap(launch, cap):
     return grid, dict(tiles, maxnreg=cap[0]) if cap else tiles
 
 
-def sweep_softmax(values, offsets, label):
+def sweep_softmax(values, offsets, max_len, label):
     """Forward and backward launchers, timed as CUDA-graph replays (kernels of tens of us: eager
-    timing would measure the host's launch cost)."""
+    timing would measure the host's launch cost). The long-row tier keeps its rule
+    (softmax.SOFTMAX_CHAIN_BYTES) over each config's tile."""
     nbytes = 2 * values.numel() * values.element_size()
-    default_launch = softmax.row_walk_launch
-    expected = softmax._softmax_forward(values, offsets).float()
+    default_launch = softmax.tiered_walk_launch
+    expected = softmax._softmax_forward(values, offsets, max_len).float()
     grad = torch.randn_like(values)
     for config in SOFTMAX:
-        softmax.row_walk_launch = lambda o, v, c=config, **defaults: with_register_cap(
-            default_launch(o, v, *c[:3]), c[3:])
+        softmax.tiered_walk_launch = lambda o, v, longest, c=config, chain_bytes=0, **defaults: with_register_cap(
+            default_launch(o, v, longest, tile_bytes=c[0], max_block_d=c[1], chain_bytes=chain_bytes, num_warps=c[2]),
+            c[3:])
         try:
-            y = softmax._softmax_forward(values, offsets)
+            y = softmax._softmax_forward(values, offsets, max_len)
             err = float((y.float() - expected).norm() / expected.norm())
-            fwd = bench_graph(lambda: softmax._softmax_forward(values, offsets))
-            bwd = bench_graph(lambda: softmax._softmax_backward(y, grad, offsets))
+            fwd = bench_graph(lambda: softmax._softmax_forward(values, offsets, max_len))
+            bwd = bench_graph(lambda: softmax._softmax_backward(y, grad, offsets, max_len))
             print(f"{label} softmax {config}: fwd {fwd * 1000:7.1f} us {nbytes / fwd / 1e6:5.0f} GB/s, "
                   f"bwd {bwd * 1000:7.1f} us {1.5 * nbytes / bwd / 1e6:5.0f} GB/s, rel.diff {err:.1e}", flush=True)
         finally:
-            softmax.row_walk_launch = default_launch
+            softmax.tiered_walk_launch = default_launch
 
 
 def main():
@@ -99,7 +101,7 @@ def main():
                 label = f"B={batch} L={max_len} D={dim} {dist} {dtype_name}"
                 for kernel in kernels:
                     if kernel == "softmax":
-                        sweep_softmax(values, offsets, label)
+                        sweep_softmax(values, offsets, max_len, label)
                     else:
                         sweep_bmm(kernel, values, offsets, dense, label)
 

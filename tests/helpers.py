@@ -91,3 +91,30 @@ def lengths_strategy(draw, max_batch=6, max_len=12):
         return [0] * batch
     short = draw(st.lists(st.integers(0, 2), min_size=batch, max_size=batch))
     return short + [max_len]
+
+
+TIER_CASES = ["exact", "bound", "unknown", "short rows only"]
+
+
+def tiered_lengths(launch, feature_dim, dtype, case):
+    """Row lengths around both tiles' edges for a row-walking kernel launched in two tiers
+    (ops/_utils.py: tiered_walk_launch; ``launch(offsets, values, longest)`` returns its grid and
+    tiles), and the max_len to give the JaggedTensor for ``case`` (one of TIER_CASES). Checks
+    that the launch halves the long tier's tile for a long chain and drops the long tier when
+    the longest row is known to fit one tile."""
+    from jagged.ops._utils import cdiv
+
+    probe = random_values((1, feature_dim), dtype)
+    grid, tiers = launch(make_offsets([1]), probe, 1 << 20)
+    s, l = tiers["SHORT_T"], tiers["LONG_T"]
+    both_tiers = cdiv(feature_dim, tiers["LONG_D"]) + cdiv(feature_dim, tiers["SHORT_D"])
+    assert (l, tiers["LONG_D"]) == (2 * s, tiers["SHORT_D"] // 2) and grid[1] == both_tiers
+    lengths = [0, 1, s - 1, s, s + 1, l - 1, l, l + 1, 0, 2 * l + 3, 6 * s + 1, 3]
+    if case == "short rows only":
+        lengths = [n for n in lengths if n <= s]
+    longest = {"bound": 4 * max(lengths), "unknown": None}.get(case, max(lengths))
+    if longest is not None:
+        grid, tiles = launch(make_offsets(lengths), random_values((sum(lengths), feature_dim), dtype), longest)
+        assert grid[1] == (cdiv(feature_dim, tiers["SHORT_D"]) if case == "short rows only" else both_tiers)
+        assert tiles == tiers
+    return lengths, longest

@@ -7,15 +7,19 @@ from hypothesis import strategies as st
 
 import jagged
 from jagged import JaggedTensor, reference
-from helpers import DEVICE, FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, assert_close, lengths_strategy, make_offsets, random_values
+from helpers import (DEVICE, FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, TIER_CASES, assert_close, lengths_strategy, make_offsets,
+                     random_values, tiered_lengths)
+from jagged.ops import pooling as pooling_ops
 
 OPS = {"sum": (jagged.jagged_sum, reference.jagged_sum), "mean": (jagged.jagged_mean, reference.jagged_mean)}
 
 
-def check_pool(op, lengths, feature_shape, dtype, offsets_dtype=torch.int64):
+def check_pool(op, lengths, feature_shape, dtype, offsets_dtype=torch.int64, max_len="validate"):
     fn, ref_fn = OPS[op]
-    x = JaggedTensor(random_values((sum(lengths), *feature_shape), dtype, requires_grad=True),
-                     make_offsets(lengths, offsets_dtype))
+    values = random_values((sum(lengths), *feature_shape), dtype, requires_grad=True)
+    offsets = make_offsets(lengths, offsets_dtype)
+    x = (JaggedTensor(values, offsets) if max_len == "validate"
+         else JaggedTensor(values, offsets, max_len=max_len, validate=False))
     out = fn(x)
     ref = ref_fn(x.values.double(), x.offsets)
     assert out.shape == (len(lengths), *feature_shape) and out.dtype == dtype
@@ -38,6 +42,17 @@ def test_pool_patterns(op, lengths, feature_shape):
        offsets_dtype=st.sampled_from([torch.int32, torch.int64]))
 def test_pool_property(op, lengths, feature_dim, dtype, offsets_dtype):
     check_pool(op, lengths, (feature_dim,), dtype, offsets_dtype)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TIER_CASES)
+def test_long_and_short_row_tiers(op, dtype, case):
+    # Rows longer than one tile run first, in a tier of their own, with taller, narrower tiles
+    # when the longest row (if known) makes a long chain of tile steps.
+    feature_dim = 5 if not ON_GPU else 200
+    lengths, longest = tiered_lengths(pooling_ops._pool_launch, feature_dim, dtype, case)
+    check_pool(op, lengths, (feature_dim,), dtype, max_len=longest)
 
 
 @pytest.mark.parametrize("op", list(OPS))

@@ -7,7 +7,9 @@ from hypothesis import strategies as st
 
 import jagged
 from jagged import JaggedTensor, reference
-from helpers import DEVICE, FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, assert_close, lengths_strategy, make_offsets, random_values
+from jagged.ops import softmax as softmax_ops
+from helpers import (DEVICE, FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, TIER_CASES, assert_close, lengths_strategy, make_offsets,
+                     random_values, tiered_lengths)
 
 
 def check_softmax(lengths, feature_shape, dtype, offsets_dtype=torch.int64, scale=1.0):
@@ -73,3 +75,25 @@ def test_bad_input():
 def test_gpu_large(dtype):
     lengths = torch.randint(0, 600, (500,)).tolist() + [5000, 0]
     check_softmax(lengths, (200,), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TIER_CASES)
+def test_long_and_short_row_tiers(dtype, case):
+    # Rows longer than one tile run in a tier of their own, with taller, narrower tiles in the
+    # forward when the longest row (if known) makes a long chain of tile steps, and no long tier
+    # when the longest row is known to fit one tile; a feature dim that leaves partial column
+    # blocks in both tiers.
+    feature_dim = 5 if not ON_GPU else 200
+    lengths, longest = tiered_lengths(lambda o, v, n: softmax_ops._softmax_launch(o, v, n, True), feature_dim,
+                                      dtype, case)
+    values = random_values((sum(lengths), feature_dim), torch.float32).to(dtype).requires_grad_(True)
+    offsets = make_offsets(lengths)
+    x = JaggedTensor(values, offsets, max_len=longest, validate=False)
+    out = jagged.jagged_softmax(x)
+    ref = reference.jagged_softmax(values.double(), offsets)
+    assert_close(out.values, ref, tol=dtype)
+    grad = random_values(values.shape, dtype)
+    (g,) = torch.autograd.grad(out.values, values, grad)
+    (g_ref,) = torch.autograd.grad(ref, values, grad.double())
+    assert_close(g, g_ref, tol=dtype, name="grad values")

@@ -237,15 +237,28 @@ def check_same_rows(a, b, name_a: str, name_b: str) -> None:
         raise ValueError(f"{name_a} must have {name_b}'s rows (the same offsets)")
 
 
-def row_walk_launch(offsets: torch.Tensor, values2d: torch.Tensor, tile_bytes: int = 8192, max_block_d: int = 64,
-                    num_warps: int = 4) -> tuple[tuple[int, int], dict]:
-    """Grid and block sizes for kernels where one program walks a whole row for a block of
-    columns (pooling, softmax): by default at most 64 columns per program, so that B * D / 64
-    programs fill the GPU even at B = 256 (benchmarks/NOTES.md), and ~8 KB token chunks."""
-    block_t, block_d = memory_tile(values2d.shape[1], values2d.element_size(), tile_bytes=tile_bytes,
-                                   max_block_d=max_block_d)
-    return (offsets.numel() - 1, cdiv(values2d.shape[1], block_d)), dict(BLOCK_T=block_t, BLOCK_D=block_d,
-                                                                         num_warps=num_warps)
+def tiered_walk_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: int, *, tile_bytes: int,
+                       max_block_d: int, chain_bytes: int, num_warps: int = 4) -> tuple[tuple[int, int], dict]:
+    """Grid and tiles for kernels where one program walks a row for a block of columns (pooling,
+    softmax), in two tiers (ops/_rows.py: tiered_row): rows of at most one tile (SHORT_T x SHORT_D,
+    ``tile_bytes`` and at most ``max_block_d`` columns), and longer rows, which the grid starts
+    first. A long row's walk is a chain of tile steps no other program shortens; when the
+    longest row's chain is the longer part of the work, ``cdiv(longest, SHORT_T) * chain_bytes``
+    above the input's bytes (0: never), the long tier takes tiles twice as tall and half as wide
+    (twice the programs per row, half the steps each), if a token still moves at least 64 bytes.
+    ``longest``: the longest row or a bound on it, 0 if unknown; a known ``longest`` within one
+    tile drops the long tier."""
+    total, feature_dim = values2d.shape
+    element_size = values2d.element_size()
+    block_t, block_d = memory_tile(feature_dim, element_size, tile_bytes=tile_bytes, max_block_d=max_block_d)
+    long_t, long_d = block_t, block_d
+    # The interpreter's 4 x 4 tiles halve too, so that CPU tests run both tiers' shapes.
+    wide = block_d * element_size >= 128 or TRITON_INTERPRETER
+    if wide and block_d > 1 and cdiv(longest, block_t) * chain_bytes > total * feature_dim * element_size:
+        long_t, long_d = 2 * block_t, block_d // 2
+    long_blocks = 0 if 0 < longest <= block_t else cdiv(feature_dim, long_d)
+    grid = (offsets.numel() - 1, long_blocks + cdiv(feature_dim, block_d))
+    return grid, dict(SHORT_T=block_t, SHORT_D=block_d, LONG_T=long_t, LONG_D=long_d, num_warps=num_warps)
 
 
 def check_jagged2(s, name: str) -> None:

@@ -15,24 +15,39 @@ import triton.language as tl
 from .. import reference
 from ._library import jagged_op
 from ._launch import fast_launch
-from ._rows import load_row_chunk, row_span
-from ._utils import (check_float_features, row_walk_launch, rows_as_matrix, unflatten_features, unit_last_stride,
-                     use_triton)
+from ._rows import load_row_chunk, row_span, tiered_row
+from ._utils import (cdiv, check_float_features, rows_as_matrix, tiered_walk_launch, unflatten_features,
+                     unit_last_stride, use_triton)
 from .conversions import GATHER, GATHER_ROW_MEAN, gather_from_dense
 
 
-@fast_launch
+# Pooling's tile: 8 KB, at most 64 columns, so that B * D / 64 programs fill the GPU even at
+# B = 256 (benchmarks/NOTES.md). One pass over a row, so a tier of their own for the long rows
+# pays only with halved tiles (ops/_utils.py: tiered_walk_launch): the tiered kernel runs when
+# cdiv(longest, tile tokens) * POOL_CHAIN_BYTES exceeds the input's bytes, the one-tier kernel
+# otherwise (the tiered one with full tiles: B=1024 max_L=512 D=128 bf16 uniform 44.3 -> 48.1 us).
+# The crossover is fitted on 24 shape x length x dtype cases (H100, benchmarks/NOTES.md, session
+# 13): B=256 max_L=1024 D=256 bf16 skewed 35.3 -> 27.1 us, max_L=2048 D=128 54.8 -> 33.4; one
+# case of the 24 falls on the wrong side (B=4096 max_L=256 D=64 float32 skewed, 5%).
+POOL_TILE_BYTES = 8192
+POOL_MAX_BLOCK_D = 64
+POOL_CHAIN_BYTES = 6_000_000
+
+
+def _pool_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: int) -> tuple[tuple[int, int], dict]:
+    """Grid (rows, long-tier + short-tier column blocks) and tiles of the pooling kernels; the
+    tiers' tiles are equal when the one-tier kernel is to run (see POOL_CHAIN_BYTES)."""
+    return tiered_walk_launch(offsets, values2d, longest, tile_bytes=POOL_TILE_BYTES, max_block_d=POOL_MAX_BLOCK_D,
+                              chain_bytes=POOL_CHAIN_BYTES)
+
+
 @triton.jit
-def _jagged_pool_kernel(
-    values_ptr, offsets_ptr, out_ptr, feature_dim, stride_vt, stride_ob,
-    MEAN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # One program per (row, block of features); it walks the row in BLOCK_T-token chunks,
-    # accumulating a [BLOCK_T, BLOCK_D] float32 tile (independent adds) reduced once at the end.
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+def _pool_row(values_ptr, out_ptr, row, begin, length, block, feature_dim, stride_vt, stride_ob,
+              MEAN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum (or mean) of a row's tokens for column block ``block``: BLOCK_T-token chunks added
+    into a [BLOCK_T, BLOCK_D] float32 tile (independent adds), reduced once at the end."""
+    cols = block.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < feature_dim
-    begin, length = row_span(offsets_ptr, row)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for start in range(0, length, BLOCK_T):
         tile, _ = load_row_chunk(values_ptr, begin, start, length, cols, col_ok, stride_vt, 0.0, BLOCK_T)
@@ -43,21 +58,59 @@ def _jagged_pool_kernel(
     tl.store(out_ptr + row * stride_ob + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
+@fast_launch
+@triton.jit
+def _jagged_pool_kernel(
+    values_ptr, offsets_ptr, out_ptr, feature_dim, stride_vt, stride_ob,
+    MEAN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (row, block of columns), walking the whole row.
+    row = tl.program_id(0).to(tl.int64)
+    begin, length = row_span(offsets_ptr, row)
+    _pool_row(values_ptr, out_ptr, row, begin, length, tl.program_id(1), feature_dim, stride_vt, stride_ob, MEAN,
+              BLOCK_T, BLOCK_D)
+
+
+@fast_launch
+@triton.jit
+def _jagged_pool_tiered_kernel(
+    values_ptr, offsets_ptr, out_ptr, feature_dim, stride_vt, stride_ob,
+    MEAN: tl.constexpr, SHORT_T: tl.constexpr, SHORT_D: tl.constexpr, LONG_T: tl.constexpr, LONG_D: tl.constexpr,
+):
+    # One program per (row, column block of its tier), the long rows' tier first
+    # (ops/_rows.py: tiered_row), with taller, narrower tiles (see POOL_CHAIN_BYTES).
+    active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D)
+    if active:
+        row = tl.program_id(0).to(tl.int64)
+        if long_tier:
+            _pool_row(values_ptr, out_ptr, row, begin, length, block, feature_dim, stride_vt, stride_ob, MEAN, LONG_T,
+                      LONG_D)
+        else:
+            _pool_row(values_ptr, out_ptr, row, begin, length, block, feature_dim, stride_vt, stride_ob, MEAN, SHORT_T,
+                      SHORT_D)
+
+
 @jagged_op("jagged_pool")
-def _launch_pool(values2d: torch.Tensor, offsets: torch.Tensor, mean: bool) -> torch.Tensor:
-    """values [T, D] -> per-row sum or mean [B, D]."""
+def _launch_pool(values2d: torch.Tensor, offsets: torch.Tensor, mean: bool, longest: int = 0) -> torch.Tensor:
+    """values [T, D] -> per-row sum or mean [B, D]. ``longest``: the longest row or a bound on
+    it (0: unknown), a tile hint only."""
     batch_size = offsets.numel() - 1
     feature_dim = values2d.shape[1]
     out = torch.empty((batch_size, feature_dim), dtype=values2d.dtype, device=values2d.device)
     if out.numel() == 0:
         return out
-    grid, tiles = row_walk_launch(offsets, values2d)
-    _jagged_pool_kernel[grid](values2d, offsets, out, feature_dim, values2d.stride(0), out.stride(0), MEAN=mean, **tiles)
+    grid, tiles = _pool_launch(offsets, values2d, longest)
+    args = (values2d, offsets, out, feature_dim, values2d.stride(0), out.stride(0))
+    if tiles["LONG_D"] < tiles["SHORT_D"]:
+        _jagged_pool_tiered_kernel[grid](*args, MEAN=mean, **tiles)
+    else:
+        _jagged_pool_kernel[(grid[0], cdiv(feature_dim, tiles["SHORT_D"]))](
+            *args, MEAN=mean, BLOCK_T=tiles["SHORT_T"], BLOCK_D=tiles["SHORT_D"], num_warps=tiles["num_warps"])
     return out
 
 
 @_launch_pool.register_fake
-def _(values2d, offsets, mean):
+def _(values2d, offsets, mean, longest=0):
     return values2d.new_empty((offsets.shape[0] - 1, values2d.shape[1]))
 
 
@@ -68,7 +121,7 @@ def _save_for_pool_backward(ctx, inputs, output):
 
 def _pool_backward(ctx, grad_out):
     (offsets,) = ctx.saved_tensors
-    return _launch_pool_backward(grad_out, offsets, ctx.total_len, ctx.mean), None, None
+    return _launch_pool_backward(grad_out, offsets, ctx.total_len, ctx.mean), None, None, None
 
 
 @jagged_op("jagged_pool_backward")
@@ -107,7 +160,7 @@ def _pool(x, mean: bool, name: str) -> torch.Tensor:
     if not use_triton(x.values):
         return (reference.jagged_mean if mean else reference.jagged_sum)(x.values, x.offsets)
     values2d, feature_shape = rows_as_matrix(x.values)
-    return unflatten_features(_launch_pool(values2d, x.offsets, mean), feature_shape)
+    return unflatten_features(_launch_pool(values2d, x.offsets, mean, x.known_max_len or 0), feature_shape)
 
 
 def jagged_sum(x) -> torch.Tensor:
