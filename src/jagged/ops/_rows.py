@@ -78,14 +78,17 @@ def tiered_row(offsets_ptr, feature_dim, SHORT_T: tl.constexpr, SHORT_D: tl.cons
     the last ``cdiv(feature_dim, SHORT_D)`` column-block slots are the short-row tier (rows of at
     most SHORT_T tokens, in column blocks of SHORT_D), the slots before them the long-row tier
     (the other rows; none if the host knows there are none). The GPU starts programs with the
-    first grid axis fastest, so every long-row program starts before any short-row one. Returns
-    whether the program has work (its row is of its tier), whether it is of the long tier, its
-    column block within the tier, and its row's begin and length."""
+    first grid axis fastest, so every long-row program starts before any short-row one. Without
+    a long tier the short tier takes every row (so a wrong "no long rows" from the host costs
+    speed, not correctness: the short tier's code walks rows of any length). Returns whether the
+    program has work (its row is of its tier), whether it is of the long tier, its column block
+    within the tier, and its row's begin and length."""
     slot = tl.program_id(1)
     long_blocks = tl.num_programs(1) - tl.cdiv(feature_dim, SHORT_D)
     long_tier = slot < long_blocks
     begin, length = row_span(offsets_ptr, tl.program_id(0).to(tl.int64))
-    return (length > SHORT_T) == long_tier, long_tier, tl.where(long_tier, slot, slot - long_blocks), begin, length
+    active = ((length > SHORT_T) == long_tier) | (long_blocks == 0)
+    return active, long_tier, tl.where(long_tier, slot, slot - long_blocks), begin, length
 
 
 @triton.jit

@@ -12,8 +12,8 @@ from ._library import jagged_op
 from ._launch import fast_launch
 from ._online_softmax import online_softmax_step, softmax_weights
 from ._rows import load_row_chunk, tiered_row
-from ._utils import (check_float_features, rows_as_matrix, tiered_walk_launch, unflatten_features, unit_last_stride,
-                     use_triton)
+from ._utils import (cdiv, check_float_features, rows_as_matrix, tiered_walk_launch, unflatten_features,
+                     unit_last_stride, use_triton)
 
 # A program's tile: one 128-byte line per token (64 columns of 16-bit values, 32 of float32) and
 # 8192 values (128 x 64 or 256 x 32), 64 float32 registers a thread at 4 warps. The best of
@@ -40,9 +40,13 @@ def _softmax_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: int,
     """Grid (rows, long-tier + short-tier column blocks) and tiles of the softmax kernels
     (SOFTMAX_LINE_BYTES, SOFTMAX_CHAIN_BYTES; ops/_utils.py: tiered_walk_launch)."""
     element_size = values2d.element_size()
-    return tiered_walk_launch(offsets, values2d, longest, tile_bytes=SOFTMAX_TILE_VALUES * element_size,
-                              max_block_d=SOFTMAX_LINE_BYTES // element_size,
-                              chain_bytes=SOFTMAX_CHAIN_BYTES if halve_long_tiles else 0)
+    grid, tiles = tiered_walk_launch(offsets, values2d, longest, tile_bytes=SOFTMAX_TILE_VALUES * element_size,
+                                     max_block_d=SOFTMAX_LINE_BYTES // element_size,
+                                     chain_bytes=SOFTMAX_CHAIN_BYTES if halve_long_tiles else 0)
+    # With a long tier the short tier's rows fit one tile, and its programs compile for that
+    # alone (a length branch there cost 2-3%: B=4096 max_L=256 D=64 bf16 43.7 -> 45.1 us).
+    tiles["LONG_TIER"] = grid[1] > cdiv(values2d.shape[1], tiles["SHORT_D"])
+    return grid, tiles
 
 
 @triton.jit
@@ -62,11 +66,10 @@ def _softmax_one_tile(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt
 
 
 @triton.jit
-def _softmax_long_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Softmax of a row longer than a short-tier tile, for column block ``block``: in one tile if
-    it fits this (possibly taller) tile, else pass 1 running max and rescaled sum (online
-    softmax), pass 2 normalise and write."""
+def _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt,
+                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Softmax of a row for column block ``block``: in one tile if it fits, else pass 1 running
+    max and rescaled sum (online softmax), pass 2 normalise and write."""
     if length <= BLOCK_T:
         _softmax_one_tile(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, BLOCK_T, BLOCK_D)
     else:
@@ -91,6 +94,7 @@ def _softmax_long_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt
 def _jagged_softmax_forward_kernel(
     x_ptr, offsets_ptr, y_ptr, feature_dim, stride_xt, stride_yt,
     SHORT_T: tl.constexpr, SHORT_D: tl.constexpr, LONG_T: tl.constexpr, LONG_D: tl.constexpr,
+    LONG_TIER: tl.constexpr,
 ):
     # One program per (row, column block of its tier); the grid runs the long-row tier first for
     # every row and column block, then the short rows (tiered_row), so that the GPU starts the
@@ -103,15 +107,17 @@ def _jagged_softmax_forward_kernel(
     active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D)
     if active:
         if long_tier:
-            _softmax_long_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, LONG_T, LONG_D)
-        else:
+            _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, LONG_T, LONG_D)
+        elif LONG_TIER:
             _softmax_one_tile(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, SHORT_T,
                               SHORT_D)
+        else:  # no long tier: every row is here (see tiered_row)
+            _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, SHORT_T, SHORT_D)
 
 
 @triton.jit
-def _softmax_grad_row(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt, stride_dxt,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _softmax_grad_walk(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt,
+                       stride_dxt, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """dx = y * (dy - sum_row(dy * y)) for column block ``block`` of a row: pass 1 the sum, pass 2
     the gradient (its reads and writes evict-first, as in the forward: B=1024 max_L=512 D=128
     bf16 uniform 114.8 -> 93.7 us)."""
@@ -135,7 +141,7 @@ def _softmax_grad_row(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, 
 @triton.jit
 def _softmax_grad_one_tile(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt,
                            stride_dxt, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """_softmax_grad_row for a row that fits one tile: y and dy read once."""
+    """_softmax_grad_walk for a row that fits one tile: y and dy read once."""
     cols = block.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < feature_dim
     y, in_row = load_row_chunk(y_ptr, begin, 0, length, cols, col_ok, stride_yt, 0.0, BLOCK_T, "evict_first")
@@ -147,11 +153,24 @@ def _softmax_grad_one_tile(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_
              eviction_policy="evict_first")
 
 
+@triton.jit
+def _softmax_grad_row(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt, stride_dxt,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The softmax gradient of a row for column block ``block``, of any length."""
+    if length <= BLOCK_T:
+        _softmax_grad_one_tile(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt,
+                               stride_dxt, BLOCK_T, BLOCK_D)
+    else:
+        _softmax_grad_walk(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt,
+                           stride_dxt, BLOCK_T, BLOCK_D)
+
+
 @fast_launch
 @triton.jit
 def _jagged_softmax_backward_kernel(
     y_ptr, dy_ptr, offsets_ptr, dx_ptr, feature_dim, stride_yt, stride_dyt, stride_dxt,
     SHORT_T: tl.constexpr, SHORT_D: tl.constexpr, LONG_T: tl.constexpr, LONG_D: tl.constexpr,
+    LONG_TIER: tl.constexpr,
 ):
     # The forward's grid and tiers (long rows first): B=1024 max_L=512 D=128 bf16 skewed 45.1 ->
     # 38.2 us, uniform 94.3 -> 83.8, with y and dy of a one-tile row read once (41.4 and 94.1 us
@@ -159,11 +178,14 @@ def _jagged_softmax_backward_kernel(
     active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D)
     if active:
         if long_tier:
-            _softmax_grad_row(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt,
-                              stride_dxt, LONG_T, LONG_D)
-        else:
+            _softmax_grad_walk(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt,
+                               stride_dxt, LONG_T, LONG_D)
+        elif LONG_TIER:
             _softmax_grad_one_tile(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt,
                                    stride_dxt, SHORT_T, SHORT_D)
+        else:
+            _softmax_grad_row(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt,
+                              stride_dxt, SHORT_T, SHORT_D)
 
 
 @jagged_op("jagged_softmax_forward")
@@ -222,7 +244,8 @@ def jagged_softmax(x):
         JaggedTensor with x's offsets and values ``[T, *F]`` in x's dtype (computed in float32):
         within each row and column the values are positive and sum to 1. Empty rows stay empty.
         A column that is -inf throughout a row gives NaN there, as ``torch.softmax`` does; NaN
-        inputs propagate. Differentiable w.r.t. ``x.values``.
+        inputs propagate. Differentiable w.r.t. ``x.values``. If x knows its longest row
+        (``known_max_len``), long skewed rows may take narrower tiles (faster; same result).
 
     Raises:
         TypeError if x is not a JaggedTensor; ValueError for non-float or 1-D values.
