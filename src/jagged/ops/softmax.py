@@ -27,10 +27,10 @@ SOFTMAX_TILE_VALUES = 8192
 # ~1.6 us each on an H100, that no other program shortens. When that chain outlasts the batch's
 # own traffic at ~2.5 TB/s (cdiv(longest, BLOCK_T) * SOFTMAX_CHAIN_BYTES > the input's bytes), the
 # forward's long-row tier takes half-line tiles: twice the tokens and half the columns, so twice
-# the programs per long row and half the steps each. Fitted on 12 shape x length cases, bf16 and
-# float32 (benchmarks/NOTES.md, session 13): B=256 max_L=1024 D=256 bf16 skewed 39.6 -> 35.1 us,
-# max_L=2048 D=128 56.8 -> 42.4; where the rule keeps full lines, halving would have cost up to
-# 40% (B=1024 max_L=1024 D=128 uniform 134 -> 191 us). The backward keeps full lines: halving
+# the programs per long row and half the steps each. Fitted on 24 cases (6 shapes x 2 length
+# patterns x bf16, float32; NOTES, session 13), the faster of the two in all: B=256 max_L=1024
+# D=256 bf16 skewed 39.6 -> 35.1 us, max_L=2048 D=128 56.8 -> 42.4; where the rule keeps full
+# lines, halving would have cost up to 40% (B=1024 max_L=1024 D=128 uniform 134 -> 191 us). The backward keeps full lines: halving
 # slowed it at every shape measured (42.4 -> 45.7 us, 52.2 -> 54.7 at the two above).
 SOFTMAX_CHAIN_BYTES = 4_000_000
 
