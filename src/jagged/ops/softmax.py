@@ -30,8 +30,9 @@ SOFTMAX_TILE_VALUES = 8192
 # the programs per long row and half the steps each. Fitted on 24 cases (6 shapes x 2 length
 # patterns x bf16, float32; NOTES, session 13), the faster of the two in all: B=256 max_L=1024
 # D=256 bf16 skewed 39.6 -> 35.1 us, max_L=2048 D=128 56.8 -> 42.4; where the rule keeps full
-# lines, halving would have cost up to 40% (B=1024 max_L=1024 D=128 uniform 134 -> 191 us). The backward keeps full lines: halving
-# slowed it at every shape measured (42.4 -> 45.7 us, 52.2 -> 54.7 at the two above).
+# lines, halving would have cost up to 40% (B=1024 max_L=1024 D=128 uniform 134 -> 191 us). The
+# backward keeps full lines: halving slowed it at every shape measured (42.4 -> 45.7 us, 52.2 ->
+# 54.7 at the two above).
 SOFTMAX_CHAIN_BYTES = 4_000_000
 
 
