@@ -96,6 +96,16 @@ def lengths_strategy(draw, max_batch=6, max_len=12):
 TIER_CASES = ["exact", "bound", "unknown", "short rows only", "understated"]
 
 
+def jagged_with_max_len(values, offsets, max_len="validate"):
+    """A JaggedTensor validated (max_len computed), or holding the given max_len unchecked (None:
+    unknown), as tiered_lengths' cases need."""
+    from jagged import JaggedTensor
+
+    if max_len == "validate":
+        return JaggedTensor(values, offsets)
+    return JaggedTensor(values, offsets, max_len=max_len, validate=False)
+
+
 def tiered_lengths(launch, feature_dim, dtype, case):
     """Row lengths around both tiles' edges for a row-walking kernel launched in two tiers
     (ops/_utils.py: tiered_walk_launch; ``launch(offsets, values, longest)`` returns its grid and

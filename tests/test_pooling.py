@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import jagged
 from jagged import JaggedTensor, reference
 from helpers import (DEVICE, FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, TIER_CASES, assert_close, lengths_strategy, make_offsets,
-                     random_values, tiered_lengths)
+                     jagged_with_max_len, random_values, tiered_lengths)
 from jagged.ops import pooling as pooling_ops
 
 OPS = {"sum": (jagged.jagged_sum, reference.jagged_sum), "mean": (jagged.jagged_mean, reference.jagged_mean)}
@@ -18,8 +18,7 @@ def check_pool(op, lengths, feature_shape, dtype, offsets_dtype=torch.int64, max
     fn, ref_fn = OPS[op]
     values = random_values((sum(lengths), *feature_shape), dtype, requires_grad=True)
     offsets = make_offsets(lengths, offsets_dtype)
-    x = (JaggedTensor(values, offsets) if max_len == "validate"
-         else JaggedTensor(values, offsets, max_len=max_len, validate=False))
+    x = jagged_with_max_len(values, offsets, max_len)
     out = fn(x)
     ref = ref_fn(x.values.double(), x.offsets)
     assert out.shape == (len(lengths), *feature_shape) and out.dtype == dtype

@@ -9,12 +9,13 @@ import jagged
 from jagged import JaggedTensor, reference
 from jagged.ops import softmax as softmax_ops
 from helpers import (DEVICE, FLOAT_DTYPES, LENGTH_PATTERNS, ON_GPU, TIER_CASES, assert_close, lengths_strategy, make_offsets,
-                     random_values, tiered_lengths)
+                     jagged_with_max_len, random_values, tiered_lengths)
 
 
-def check_softmax(lengths, feature_shape, dtype, offsets_dtype=torch.int64, scale=1.0):
+def check_softmax(lengths, feature_shape, dtype, offsets_dtype=torch.int64, scale=1.0, max_len="validate"):
     values = (random_values((sum(lengths), *feature_shape), torch.float32) * scale).to(dtype).requires_grad_(True)
-    x = JaggedTensor(values, make_offsets(lengths, offsets_dtype))
+    offsets = make_offsets(lengths, offsets_dtype)
+    x = jagged_with_max_len(values, offsets, max_len)
     out = jagged.jagged_softmax(x)
     ref = reference.jagged_softmax(values.double(), x.offsets)
     assert out.offsets is x.offsets and out.values.dtype == dtype
@@ -87,13 +88,4 @@ def test_long_and_short_row_tiers(dtype, case):
     feature_dim = 5 if not ON_GPU else 200
     lengths, longest = tiered_lengths(lambda o, v, n: softmax_ops._softmax_launch(o, v, n, True), feature_dim,
                                       dtype, case)
-    values = random_values((sum(lengths), feature_dim), torch.float32).to(dtype).requires_grad_(True)
-    offsets = make_offsets(lengths)
-    x = JaggedTensor(values, offsets, max_len=longest, validate=False)
-    out = jagged.jagged_softmax(x)
-    ref = reference.jagged_softmax(values.double(), offsets)
-    assert_close(out.values, ref, tol=dtype)
-    grad = random_values(values.shape, dtype)
-    (g,) = torch.autograd.grad(out.values, values, grad)
-    (g_ref,) = torch.autograd.grad(ref, values, grad.double())
-    assert_close(g, g_ref, tol=dtype, name="grad values")
+    check_softmax(lengths, (feature_dim,), dtype, max_len=longest)
