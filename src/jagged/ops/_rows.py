@@ -92,6 +92,19 @@ def tiered_row(offsets_ptr, feature_dim, SHORT_T: tl.constexpr, SHORT_D: tl.cons
 
 
 @triton.jit
+def load_row_chunk_native(ptr, begin, start, length, cols, col_ok, stride_t, other, BLOCK_T: tl.constexpr,
+                          EVICTION: tl.constexpr = tl.constexpr("")):
+    """load_row_chunk in the data's own dtype: a load whose registers are not read until the
+    caller converts them, so a walk can issue the next chunk's load before it reduces this one
+    (a chunk past the row's end is all masked and reads nothing)."""
+    pos = start + tl.arange(0, BLOCK_T)
+    in_row = pos < length
+    tile = tl.load(ptr + (begin + pos)[:, None] * stride_t + cols[None, :],
+                   mask=in_row[:, None] & col_ok[None, :], other=other, eviction_policy=EVICTION)
+    return tile, in_row
+
+
+@triton.jit
 def load_row_chunk(ptr, begin, start, length, cols, col_ok, stride_t, other, BLOCK_T: tl.constexpr,
                    EVICTION: tl.constexpr = tl.constexpr("")):
     """Tokens [start, start + BLOCK_T) of a row (masked to the row) x feature columns ``cols``
@@ -99,10 +112,7 @@ def load_row_chunk(ptr, begin, start, length, cols, col_ok, stride_t, other, BLO
     the load's L2 eviction policy ("evict_first" for a kernel's last read of the data; the
     default is a constexpr, not a str: Triton's calls between jit functions take a str default
     for a runtime value)."""
-    pos = start + tl.arange(0, BLOCK_T)
-    in_row = pos < length
-    tile = tl.load(ptr + (begin + pos)[:, None] * stride_t + cols[None, :],
-                   mask=in_row[:, None] & col_ok[None, :], other=other, eviction_policy=EVICTION)
+    tile, in_row = load_row_chunk_native(ptr, begin, start, length, cols, col_ok, stride_t, other, BLOCK_T, EVICTION)
     return tile.to(tl.float32), in_row
 
 

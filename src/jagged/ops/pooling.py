@@ -15,7 +15,7 @@ import triton.language as tl
 from .. import reference
 from ._library import jagged_op
 from ._launch import fast_launch
-from ._rows import load_row_chunk, row_span, tiered_row
+from ._rows import load_row_chunk_native, row_span, tiered_row
 from ._utils import (cdiv, check_float_features, rows_as_matrix, tiered_walk_launch, unflatten_features,
                      unit_last_stride, use_triton)
 from .conversions import GATHER, GATHER_ROW_MEAN, gather_from_dense
@@ -24,34 +24,45 @@ from .conversions import GATHER, GATHER_ROW_MEAN, gather_from_dense
 # Pooling's tile: 8 KB, at most 64 columns, so that B * D / 64 programs fill the GPU even at
 # B = 256 (benchmarks/NOTES.md). One pass over a row, so a tier of their own for the long rows
 # pays only with halved tiles (ops/_utils.py: tiered_walk_launch): the tiered kernel runs when
-# cdiv(longest, tile tokens) * POOL_CHAIN_BYTES exceeds the input's bytes, the one-tier kernel
+# cdiv(longest, tile tokens) * chain bytes exceeds the input's bytes, the one-tier kernel
 # otherwise (the tiered one with full tiles: B=1024 max_L=512 D=128 bf16 uniform 44.3 -> 48.1 us).
-# The crossover is fitted on 24 shape x length x dtype cases (H100, benchmarks/NOTES.md, session
-# 13): B=256 max_L=1024 D=256 bf16 skewed 35.3 -> 27.1 us, max_L=2048 D=128 54.8 -> 33.4; one
-# case of the 24 falls on the wrong side (B=4096 max_L=256 D=64 float32 skewed, 5%).
+# The chain bytes depend on what halving costs: at 16 bits it splits a token's 128-byte line in
+# two, at 32 bits it keeps whole lines, and it pays for longer chains there. Both constants are
+# fitted on 24 shape x length x dtype cases (H100, the prefetching walk; benchmarks/NOTES.md,
+# session 14): they pick the faster kernel, or one within 1%, in all 24. B=256 max_L=2048 D=128
+# skewed: halved 27.1 us vs 31.4 (bf16), 41.5 vs 55.1 (float32); B=1024 max_L=512 D=128 bf16
+# skewed: one tier 21.9 vs 23.9 halved.
 POOL_TILE_BYTES = 8192
 POOL_MAX_BLOCK_D = 64
-POOL_CHAIN_BYTES = 6_000_000
+POOL_CHAIN_BYTES_SPLIT_LINE = 1_700_000
+POOL_CHAIN_BYTES_WHOLE_LINES = 4_000_000
 
 
 def _pool_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: int) -> tuple[tuple[int, int], dict]:
     """Grid (rows, long-tier + short-tier column blocks) and tiles of the pooling kernels; the
-    tiers' tiles are equal when the one-tier kernel is to run (see POOL_CHAIN_BYTES)."""
+    tiers' tiles are equal when the one-tier kernel is to run (see POOL_CHAIN_BYTES_*)."""
+    whole_lines = POOL_MAX_BLOCK_D * values2d.element_size() >= 256
     return tiered_walk_launch(offsets, values2d, longest, tile_bytes=POOL_TILE_BYTES, max_block_d=POOL_MAX_BLOCK_D,
-                              chain_bytes=POOL_CHAIN_BYTES)
+                              chain_bytes=POOL_CHAIN_BYTES_WHOLE_LINES if whole_lines else POOL_CHAIN_BYTES_SPLIT_LINE)
 
 
 @triton.jit
 def _pool_row(values_ptr, out_ptr, row, begin, length, block, feature_dim, stride_vt, stride_ob,
               MEAN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Sum (or mean) of a row's tokens for column block ``block``: BLOCK_T-token chunks added
-    into a [BLOCK_T, BLOCK_D] float32 tile (independent adds), reduced once at the end."""
+    into a [BLOCK_T, BLOCK_D] float32 tile (independent adds), reduced once at the end. Each
+    step issues the next chunk's load before it adds this one, so two chunks are in flight:
+    H100, B=1024 max_L=512 D=128 bf16 uniform 44.9 -> 38.6 us, B=256 max_L=2048 D=128 skewed
+    33.6 -> 27.1 (benchmarks/NOTES.md, session 14). The softmax's walks gained nothing from it."""
     cols = block.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < feature_dim
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    chunk, _ = load_row_chunk_native(values_ptr, begin, 0, length, cols, col_ok, stride_vt, 0.0, BLOCK_T)
     for start in range(0, length, BLOCK_T):
-        tile, _ = load_row_chunk(values_ptr, begin, start, length, cols, col_ok, stride_vt, 0.0, BLOCK_T)
-        acc += tile
+        next_chunk, _ = load_row_chunk_native(values_ptr, begin, start + BLOCK_T, length, cols, col_ok, stride_vt, 0.0,
+                                              BLOCK_T)
+        acc += chunk.to(tl.float32)
+        chunk = next_chunk
     total = tl.sum(acc, 0)
     if MEAN:  # an empty row's mean is 0, like its sum
         total = total / tl.maximum(length, 1).to(tl.float32)
@@ -78,7 +89,7 @@ def _jagged_pool_tiered_kernel(
     MEAN: tl.constexpr, SHORT_T: tl.constexpr, SHORT_D: tl.constexpr, LONG_T: tl.constexpr, LONG_D: tl.constexpr,
 ):
     # One program per (row, column block of its tier), the long rows' tier first
-    # (ops/_rows.py: tiered_row), with taller, narrower tiles (see POOL_CHAIN_BYTES).
+    # (ops/_rows.py: tiered_row), with taller, narrower tiles (see POOL_CHAIN_BYTES_*).
     active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D)
     if active:
         row = tl.program_id(0).to(tl.int64)
