@@ -21,7 +21,9 @@ import jagged
 from _common import (bench, bench_main, op_cases, padded_to_dense, padded_to_jagged, peak_memory_mib,
                      print_table, save)
 
-GPU_CASES = [(1024, 512, 128), (256, 1024, 256)]
+# The two peer shapes, and B=512 max_L=256 D=64: short rows and narrow features, the
+# other end of its range (B=256..1024, D=64..256, max_L up to 1024).
+GPU_CASES = [(1024, 512, 128), (256, 1024, 256), (512, 256, 64)]
 CPU_CASES = [(8, 32, 16)]
 
 
