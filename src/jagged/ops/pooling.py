@@ -57,10 +57,10 @@ def _pool_row(values_ptr, out_ptr, row, begin, length, block, feature_dim, strid
     cols = block.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < feature_dim
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    chunk, _ = load_row_chunk_native(values_ptr, begin, 0, length, cols, col_ok, stride_vt, 0.0, BLOCK_T)
+    chunk, chunk_rows = load_row_chunk_native(values_ptr, begin, 0, length, cols, col_ok, stride_vt, 0.0, BLOCK_T)
     for start in range(0, length, BLOCK_T):
-        next_chunk, _ = load_row_chunk_native(values_ptr, begin, start + BLOCK_T, length, cols, col_ok, stride_vt, 0.0,
-                                              BLOCK_T)
+        next_chunk, next_rows = load_row_chunk_native(values_ptr, begin, start + BLOCK_T, length, cols, col_ok,
+                                                      stride_vt, 0.0, BLOCK_T)
         acc += chunk.to(tl.float32)
         chunk = next_chunk
     total = tl.sum(acc, 0)
