@@ -8,21 +8,24 @@ import triton.language as tl
 
 @triton.jit
 def online_softmax_step(m, total, x, AXIS: tl.constexpr):
-    """Fold tile ``x`` (float32, -inf where masked) into the running base-2 max ``m`` and sum
-    ``total`` of ``2^(x * log2 e - m)`` along AXIS."""
-    x2 = x * 1.4426950408889634  # log2(e)
-    m_new = tl.maximum(m, tl.max(x2, AXIS))
+    """Fold tile ``x`` (-inf where masked; any float dtype, converted to float32 where used) into
+    the running base-2 max ``m`` and float32 sum ``total`` of ``2^(x * log2 e - m)`` along AXIS.
+    The max is taken before the scaling (the same float32 value: rounding is monotone), so a
+    16-bit tile need not be held as float32 across the reduction."""
+    m_new = tl.maximum(m, tl.max(x, AXIS).to(tl.float32) * 1.4426950408889634)  # log2(e)
     # -inf so far (an all-masked or all -inf line): shift by 0, never inf - inf. Such a line ends
     # with total = 0, so its weights are 0/0 = NaN, as torch.softmax gives.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    total = total * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x2 - tl.expand_dims(m_safe, AXIS)), AXIS)
+    total = total * tl.exp2(m - m_safe) + tl.sum(
+        tl.exp2(x.to(tl.float32) * 1.4426950408889634 - tl.expand_dims(m_safe, AXIS)), AXIS)
     return m_new, total
 
 
 @triton.jit
 def softmax_weights(x, m, total, AXIS: tl.constexpr):
-    """``exp(x) / sum exp`` for tile ``x`` given the final ``m`` and ``total`` of
-    online_softmax_step: one reciprocal per line, a multiply per element."""
+    """``exp(x) / sum exp`` (float32) for tile ``x`` (any float dtype) given the final ``m`` and
+    ``total`` of online_softmax_step: one reciprocal per line, a multiply per element."""
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     inv_total = 1.0 / total
-    return tl.exp2(x * 1.4426950408889634 - tl.expand_dims(m_safe, AXIS)) * tl.expand_dims(inv_total, AXIS)
+    return tl.exp2(x.to(tl.float32) * 1.4426950408889634 - tl.expand_dims(m_safe, AXIS)) * tl.expand_dims(inv_total,
+                                                                                                          AXIS)

@@ -11,7 +11,7 @@ from .. import reference
 from ._library import jagged_op
 from ._launch import fast_launch
 from ._online_softmax import online_softmax_step, softmax_weights
-from ._rows import load_row_chunk, tiered_row
+from ._rows import load_row_chunk, load_row_chunk_native, tiered_row
 from ._utils import (cdiv, check_float_features, rows_as_matrix, tiered_walk_launch, unflatten_features,
                      unit_last_stride, use_triton)
 
@@ -34,6 +34,13 @@ SOFTMAX_TILE_VALUES = 8192
 # backward keeps full lines: halving slowed it at every shape measured (42.4 -> 45.7 us, 52.2 ->
 # 54.7 at the two above).
 SOFTMAX_CHAIN_BYTES = 4_000_000
+# The forward's long-row walk loads the next chunk (in the data's dtype) before it reduces the
+# current one when the longest row is known to span at least this many short-tier tiles. It
+# holds a second tile in registers (bf16 127 -> 168: 3 programs a SM instead of 4), which pays
+# only where long walks dominate. H100 (benchmarks/NOTES.md, session 14), bf16: B=256 max_L=1024
+# D=256 skewed 35.1 -> 34.4 us, uniform 76.0 -> 71.1, B=256 max_L=2048 D=128 uniform 89.5 ->
+# 80.6; with 4 tiles it lost (B=1024 max_L=512 D=128 skewed 32.2 -> 36.2), in float32 too.
+SOFTMAX_PREFETCH_TILES = 8
 
 
 def _softmax_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: int,
@@ -68,9 +75,11 @@ def _softmax_one_tile(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt
 
 @triton.jit
 def _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt,
-                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr):
     """Softmax of a row for column block ``block``: in one tile if it fits, else pass 1 running
-    max and rescaled sum (online softmax), pass 2 normalise and write."""
+    max and rescaled sum (online softmax), pass 2 normalise and write. PREFETCH: each step of
+    both passes issues the next chunk's load (in the data's dtype; past the row's end it is all
+    masked and reads nothing) before it reduces or writes this one (SOFTMAX_PREFETCH_TILES)."""
     if length <= BLOCK_T:
         _softmax_one_tile(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, BLOCK_T, BLOCK_D)
     else:
@@ -78,16 +87,35 @@ def _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, str
         col_ok = cols < feature_dim
         m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
         s = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if PREFETCH:
+            x, x_rows = load_row_chunk_native(x_ptr, begin, 0, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
+            for start in range(0, length, BLOCK_T):
+                next_x, next_rows = load_row_chunk_native(x_ptr, begin, start + BLOCK_T, length, cols, col_ok,
+                                                          stride_xt, float("-inf"), BLOCK_T)
+                m, s = online_softmax_step(m, s, x, 0)
+                x = next_x
+        else:
+            for start in range(0, length, BLOCK_T):
+                x, x_rows = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
+                m, s = online_softmax_step(m, s, x, 0)
+        if PREFETCH:
+            x, x_rows = load_row_chunk_native(x_ptr, begin, 0, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T,
+                                              "evict_first")
         for start in range(0, length, BLOCK_T):
-            x, _ = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T)
-            m, s = online_softmax_step(m, s, x, 0)
-        for start in range(0, length, BLOCK_T):
-            x, in_row = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"), BLOCK_T,
-                                       "evict_first")
+            if PREFETCH:
+                next_x, next_rows = load_row_chunk_native(x_ptr, begin, start + BLOCK_T, length, cols, col_ok,
+                                                          stride_xt, float("-inf"), BLOCK_T, "evict_first")
+                in_row = x_rows
+            else:
+                x, in_row = load_row_chunk(x_ptr, begin, start, length, cols, col_ok, stride_xt, float("-inf"),
+                                           BLOCK_T, "evict_first")
             tokens = begin + start + tl.arange(0, BLOCK_T)
             tl.store(y_ptr + tokens[:, None] * stride_yt + cols[None, :],
                      softmax_weights(x, m, s, 0).to(y_ptr.dtype.element_ty), mask=in_row[:, None] & col_ok[None, :],
                      eviction_policy="evict_first")
+            if PREFETCH:
+                x = next_x
+                x_rows = next_rows
 
 
 @fast_launch
@@ -95,7 +123,7 @@ def _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, str
 def _jagged_softmax_forward_kernel(
     x_ptr, offsets_ptr, y_ptr, feature_dim, stride_xt, stride_yt,
     SHORT_T: tl.constexpr, SHORT_D: tl.constexpr, LONG_T: tl.constexpr, LONG_D: tl.constexpr,
-    LONG_TIER: tl.constexpr,
+    LONG_TIER: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # One program per (row, column block of its tier); the grid runs the long-row tier first for
     # every row and column block, then the short rows (tiered_row), so that the GPU starts the
@@ -108,12 +136,14 @@ def _jagged_softmax_forward_kernel(
     active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D)
     if active:
         if long_tier:
-            _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, LONG_T, LONG_D)
+            _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, LONG_T, LONG_D,
+                         PREFETCH)
         elif LONG_TIER:
             _softmax_one_tile(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, SHORT_T,
                               SHORT_D)
         else:  # no long tier: every row is here (see tiered_row)
-            _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, SHORT_T, SHORT_D)
+            _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, SHORT_T, SHORT_D,
+                         PREFETCH)
 
 
 @triton.jit
@@ -196,7 +226,9 @@ def _softmax_forward(x2d: torch.Tensor, offsets: torch.Tensor, longest: int = 0)
     y = torch.empty((x2d.shape[0], x2d.shape[1]), dtype=x2d.dtype, device=x2d.device)
     if y.numel():
         grid, tiles = _softmax_launch(offsets, x2d, longest, True)
-        _jagged_softmax_forward_kernel[grid](x2d, offsets, y, x2d.shape[1], x2d.stride(0), y.stride(0), **tiles)
+        prefetch = cdiv(longest, tiles["SHORT_T"]) >= SOFTMAX_PREFETCH_TILES  # longest 0 (unknown): no
+        _jagged_softmax_forward_kernel[grid](x2d, offsets, y, x2d.shape[1], x2d.stride(0), y.stride(0),
+                                             PREFETCH=prefetch, **tiles)
     return y
 
 
