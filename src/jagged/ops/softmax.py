@@ -38,8 +38,9 @@ SOFTMAX_CHAIN_BYTES = 4_000_000
 # current one when the longest row is known to span at least this many short-tier tiles. It
 # holds a second tile in registers (bf16 127 -> 168: 3 programs a SM instead of 4), which pays
 # only where long walks dominate. H100 (benchmarks/NOTES.md, session 14), bf16: B=256 max_L=1024
-# D=256 skewed 35.1 -> 34.4 us, uniform 76.0 -> 71.1, B=256 max_L=2048 D=128 uniform 89.5 ->
-# 80.6; with 4 tiles it lost (B=1024 max_L=512 D=128 skewed 32.2 -> 36.2), in float32 too.
+# D=256 uniform 76.0 -> 70.0 us (skewed unchanged, 35.3 -> 35.4), B=1024 max_L=1024 D=128 skewed
+# 61.8 -> 58.7, B=256 max_L=2048 D=128 uniform 90.3 -> 77.8; with 4 tiles it lost (B=1024
+# max_L=512 D=128 skewed 32.2 -> 36.2), in float32 too.
 SOFTMAX_PREFETCH_TILES = 8
 
 
