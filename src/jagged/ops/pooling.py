@@ -53,7 +53,8 @@ def _pool_row(values_ptr, out_ptr, row, begin, length, block, feature_dim, strid
     into a [BLOCK_T, BLOCK_D] float32 tile (independent adds), reduced once at the end. Each
     step issues the next chunk's load before it adds this one, so two chunks are in flight:
     H100, B=1024 max_L=512 D=128 bf16 uniform 44.9 -> 38.6 us, B=256 max_L=2048 D=128 skewed
-    33.6 -> 27.1 (benchmarks/NOTES.md, session 14). The softmax's walks gained nothing from it."""
+    33.6 -> 27.1 (benchmarks/NOTES.md, session 14). The softmax forward does the same only for
+    long walks (softmax.py: SOFTMAX_PREFETCH_TILES)."""
     cols = block.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < feature_dim
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
