@@ -5,7 +5,8 @@ forward / backward on the same inputs for scale. Prints one line per (shape, con
 winners go into ops/attention.py::_tiles. A config may end with a dict of extra launch options
 (e.g. {"maxnreg": 80}: Triton's register cap, for more programs per SM).
 
-    python benchmarks/tune_attention.py [--kernel backward|forward] [--short] [--configs "(64, 32, 4, 3)" ...]
+    python benchmarks/tune_attention.py [--kernel backward|forward] [--short] [--causal]
+        [--shape B,L,H,D,unif|skew ...] [--configs "(64, 32, 4, 3)" ...]
 """
 
 import argparse
@@ -35,33 +36,39 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--kernel", choices=["backward", "forward"], default="backward")
     parser.add_argument("--short", action="store_true", help="only the shapes with max_L <= 512")
+    parser.add_argument("--causal", action="store_true", help="causal attention (FA2 causal too)")
+    parser.add_argument("--shape", action="append", help="B,L,H,D,lengths replacing the built-in shapes")
     parser.add_argument("--configs", nargs="+", help="Python tuples replacing the built-in list")
     args = parser.parse_args()
+    shapes = SHAPES
+    if args.shape:
+        shapes = [tuple(int(f) for f in s.split(",")[:4]) + (s.split(",")[4],) for s in args.shape]
     configs = [ast.literal_eval(c) for c in args.configs] if args.configs else (
         BACKWARD if args.kernel == "backward" else FORWARD)
     default_tiles = attention._tiles
-    for batch, max_len, heads, head_dim, dist in SHAPES:
+    for batch, max_len, heads, head_dim, dist in shapes:
         if args.short and max_len > 512:
             continue
         qkv, offsets, total, _ = jagged_inputs(batch, max_len, (3, heads, head_dim), torch.bfloat16, dist)
         q, k, v = (x.contiguous() for x in qkv.unbind(1))
         scale = 1 / math.sqrt(head_dim)
         longest = int(offsets.diff().max())
-        out, lse = attention._attention_forward(q, k, v, offsets, offsets, False, scale, longest)
+        out, lse = attention._attention_forward(q, k, v, offsets, offsets, args.causal, scale, longest)
         do = torch.randn_like(out)
-        expected = attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale, longest)
+        expected = attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, args.causal, scale,
+                                                 longest)
         cu = offsets.int()
-        fa_args = (cu, cu, longest, longest, 0.0, False)
+        fa_args = (cu, cu, longest, longest, 0.0, args.causal)
         fa_out, fa_lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, *fa_args, False, scale=scale)
         fa2_us = 1000 * bench_graph(
             (lambda: torch.ops.aten._flash_attention_backward(do, q, k, v, fa_out, fa_lse, *fa_args, rng, unused,
                                                               scale=scale)) if args.kernel == "backward" else
             (lambda: torch.ops.aten._flash_attention_forward(q, k, v, *fa_args, False, scale=scale)))
-        print(f"B={batch} L={max_len} H={heads} D={head_dim} {dist} {args.kernel} FA2 varlen: {fa2_us:8.1f} us",
-              flush=True)
+        print(f"B={batch} L={max_len} H={heads} D={head_dim} {dist} causal={args.causal} {args.kernel} "
+              f"FA2 varlen: {fa2_us:8.1f} us", flush=True)
         for config in configs:
-            def tiles(kernel, d, dv, max_len=None, hstu_mask=False, config=config):
-                base = default_tiles(kernel, d, dv, max_len, hstu_mask)
+            def tiles(kernel, d, dv, max_len=None, hstu_mask=False, plain=False, config=config):
+                base = default_tiles(kernel, d, dv, max_len, hstu_mask, plain)
                 if kernel != args.kernel:
                     return base
                 if kernel == "backward":
@@ -76,12 +83,13 @@ def main():
             attention._tiles = tiles
             try:
                 if args.kernel == "backward":
-                    fn = lambda: attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, False, scale,  # noqa: E731
-                                                              longest)
+                    fn = lambda: attention._attention_backward(do, q, k, v, out, lse, offsets, offsets,  # noqa: E731
+                                                              args.causal, scale, longest)
                     got = fn()
                     err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got, expected))
                 else:
-                    fn = lambda: attention._attention_forward(q, k, v, offsets, offsets, False, scale, longest)  # noqa: E731
+                    fn = lambda: attention._attention_forward(  # noqa: E731
+                        q, k, v, offsets, offsets, args.causal, scale, longest)
                     err = float((fn()[0].float() - out.float()).norm() / out.float().norm())
                 ms = bench_graph(fn)
                 print(f"B={batch} L={max_len} H={heads} D={head_dim} {dist} {args.kernel} {config}: "

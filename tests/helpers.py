@@ -93,7 +93,7 @@ def lengths_strategy(draw, max_batch=6, max_len=12):
     return short + [max_len]
 
 
-TIER_CASES = ["exact", "bound", "unknown", "short rows only", "understated"]
+TIER_CASES = ["exact", "bound", "unknown", "short rows only", "one long tile", "understated"]
 
 
 def jagged_with_max_len(values, offsets, max_len="validate"):
@@ -107,26 +107,37 @@ def jagged_with_max_len(values, offsets, max_len="validate"):
 
 
 def tiered_lengths(launch, feature_dim, dtype, case):
-    """Row lengths around both tiles' edges for a row-walking kernel launched in two tiers
+    """Row lengths around both tiles' edges for a row-walking kernel launched in tiers
     (ops/_utils.py: tiered_walk_launch; ``launch(offsets, values, longest)`` returns its grid and
     tiles), and the max_len to give the JaggedTensor for ``case`` (one of TIER_CASES). Checks
-    that the launch halves the long tier's tile for a long chain and drops the long tier when
-    the longest row is said to fit one tile ("understated": said so wrongly, with validate=False;
-    the kernels must still be right)."""
+    that the launch halves the long tier's tile for a long chain, starts the rows of several
+    long tiles first when there are any (WALKERS_FIRST: the long tier's column blocks twice),
+    and drops the long tier when the longest row is said to fit one tile ("understated": said
+    so wrongly, with validate=False; the kernels must still be right)."""
     from jagged.ops._utils import cdiv
 
     probe = random_values((1, feature_dim), dtype)
     grid, tiers = launch(make_offsets([1]), probe, 1 << 20)
     s, l = tiers["SHORT_T"], tiers["LONG_T"]
-    both_tiers = cdiv(feature_dim, tiers["LONG_D"]) + cdiv(feature_dim, tiers["SHORT_D"])
-    assert (l, tiers["LONG_D"]) == (2 * s, tiers["SHORT_D"] // 2) and grid[1] == both_tiers
+    short_blocks = cdiv(feature_dim, tiers["SHORT_D"])
+    long_blocks = cdiv(feature_dim, tiers["LONG_D"])
+    assert (l, tiers["LONG_D"]) == (2 * s, tiers["SHORT_D"] // 2)
+    assert tiers["WALKERS_FIRST"] and grid[1] == 2 * long_blocks + short_blocks
     lengths = [0, 1, s - 1, s, s + 1, l - 1, l, l + 1, 0, 2 * l + 3, 6 * s + 1, 3]
     if case == "short rows only":
         lengths = [n for n in lengths if n <= s]
+    if case == "one long tile":
+        lengths = [n for n in lengths if n <= l]
     longest = {"bound": 4 * max(lengths), "unknown": None, "understated": 1}.get(case, max(lengths))
     if longest is not None:
         grid, tiles = launch(make_offsets(lengths), random_values((sum(lengths), feature_dim), dtype), longest)
         short_only = case in ("short rows only", "understated")
-        assert grid[1] == (cdiv(feature_dim, tiers["SHORT_D"]) if short_only else both_tiers)
+        walkers = tiles["WALKERS_FIRST"]
+        # Whether walks start first is each op's choice by chain length; these cases pin it.
+        if case == "bound":
+            assert walkers
+        if short_only or case == "one long tile":
+            assert not walkers
+        assert grid[1] == short_blocks + (0 if short_only else long_blocks * (2 if walkers else 1))
         assert all(tiles[k] == tiers[k] for k in ("SHORT_T", "SHORT_D", "LONG_T", "LONG_D"))
     return lengths, longest

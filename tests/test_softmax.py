@@ -89,3 +89,17 @@ def test_long_and_short_row_tiers(dtype, case):
     lengths, longest = tiered_lengths(lambda o, v, n: softmax_ops._softmax_launch(o, v, n, True), feature_dim,
                                       dtype, case)
     check_softmax(lengths, (feature_dim,), dtype, max_len=longest)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_prefetching_walk(dtype, monkeypatch):
+    # The forward's walk prefetches the next chunk when the long tier keeps full tiles and the
+    # longest row spans SOFTMAX_PREFETCH_TILES of them; no halving here, so the walk is reached.
+    monkeypatch.setattr(softmax_ops, "SOFTMAX_CHAIN_BYTES", 0)
+    feature_dim = 5 if not ON_GPU else 200
+    probe = random_values((1, feature_dim), dtype)
+    s = softmax_ops._softmax_launch(make_offsets([1]), probe, 1, True)[1]["SHORT_T"]
+    lengths = [2, s + 1, 0, softmax_ops.SOFTMAX_PREFETCH_TILES * s + 3, 1, 3 * s - 1, s]
+    tiles = softmax_ops._softmax_launch(make_offsets(lengths), probe, max(lengths), True)[1]
+    assert tiles["LONG_T"] == s and softmax_ops._prefetches(tiles, max(lengths))
+    check_softmax(lengths, (feature_dim,), dtype, max_len=max(lengths))

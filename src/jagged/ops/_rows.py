@@ -73,22 +73,35 @@ def row_span(offsets_ptr, row):
 
 
 @triton.jit
-def tiered_row(offsets_ptr, feature_dim, SHORT_T: tl.constexpr, SHORT_D: tl.constexpr):
+def tiered_row(offsets_ptr, feature_dim, SHORT_T: tl.constexpr, SHORT_D: tl.constexpr, LONG_T: tl.constexpr,
+               WALKERS_FIRST: tl.constexpr):
     """The work of a program in a grid (rows, long-tier column blocks + short-tier column blocks):
     the last ``cdiv(feature_dim, SHORT_D)`` column-block slots are the short-row tier (rows of at
     most SHORT_T tokens, in column blocks of SHORT_D), the slots before them the long-row tier
     (the other rows; none if the host knows there are none). The GPU starts programs with the
     first grid axis fastest, so every long-row program starts before any short-row one. Without
     a long tier the short tier takes every row (so a wrong "no long rows" from the host costs
-    speed, not correctness: the short tier's code walks rows of any length). Returns whether the
-    program has work (its row is of its tier), whether it is of the long tier, its column block
-    within the tier, and its row's begin and length."""
+    speed, not correctness: the short tier's code walks rows of any length). WALKERS_FIRST (the
+    long tier's tile is taller than the short one's, LONG_T > SHORT_T): the long tier has two
+    halves of column blocks, the first for the rows longer than LONG_T (whose programs walk
+    several tiles), the second for the rows of one long tile, so that every walk starts before
+    any one-tile program. Returns whether the program has work (its row is of its tier),
+    whether it is of the long tier, its column block within the tier, and its row's begin and
+    length."""
     slot = tl.program_id(1)
-    long_blocks = tl.num_programs(1) - tl.cdiv(feature_dim, SHORT_D)
-    long_tier = slot < long_blocks
+    long_slots = tl.num_programs(1) - tl.cdiv(feature_dim, SHORT_D)
+    long_tier = slot < long_slots
     begin, length = row_span(offsets_ptr, tl.program_id(0).to(tl.int64))
-    active = ((length > SHORT_T) == long_tier) | (long_blocks == 0)
-    return active, long_tier, tl.where(long_tier, slot, slot - long_blocks), begin, length
+    if WALKERS_FIRST:
+        long_blocks = long_slots // 2
+        walker = slot < long_blocks
+        long_active = tl.where(walker, length > LONG_T, (length > SHORT_T) & (length <= LONG_T))
+        active = tl.where(long_tier, long_active, length <= SHORT_T)
+        block = tl.where(walker, slot, tl.where(long_tier, slot - long_blocks, slot - long_slots))
+    else:
+        active = ((length > SHORT_T) == long_tier) | (long_slots == 0)
+        block = tl.where(long_tier, slot, slot - long_slots)
+    return active, long_tier, block, begin, length
 
 
 @triton.jit

@@ -238,7 +238,8 @@ def check_same_rows(a, b, name_a: str, name_b: str) -> None:
 
 
 def tiered_walk_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: int, *, tile_bytes: int,
-                       max_block_d: int, chain_bytes: int, num_warps: int = 4) -> tuple[tuple[int, int], dict]:
+                       max_block_d: int, chain_bytes: int, walkers_first_tiles: int = 0,
+                       num_warps: int = 4) -> tuple[tuple[int, int], dict]:
     """Grid and tiles for kernels where one program walks a row for a block of columns (pooling,
     softmax), in two tiers (ops/_rows.py: tiered_row): rows of at most one tile (SHORT_T x SHORT_D,
     ``tile_bytes`` and at most ``max_block_d`` columns), and longer rows, which the grid starts
@@ -246,6 +247,8 @@ def tiered_walk_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: i
     longest row's chain is the longer part of the work, ``cdiv(longest, SHORT_T) * chain_bytes``
     above the input's bytes (0: never), the long tier takes tiles twice as tall and half as wide
     (twice the programs per row, half the steps each), if a token still moves at least 64 bytes.
+    With halved tiles and a longest row of at least ``walkers_first_tiles`` long tiles (0: never),
+    the rows that walk several long tiles start before those of one (tiered_row: WALKERS_FIRST).
     ``longest``: the longest row or a bound on it, 0 if unknown; a known ``longest`` within one
     tile drops the long tier."""
     total, feature_dim = values2d.shape
@@ -257,8 +260,10 @@ def tiered_walk_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: i
     if wide and block_d > 1 and cdiv(longest, block_t) * chain_bytes > total * feature_dim * element_size:
         long_t, long_d = 2 * block_t, block_d // 2
     long_blocks = 0 if 0 < longest <= block_t else cdiv(feature_dim, long_d)
-    grid = (offsets.numel() - 1, long_blocks + cdiv(feature_dim, block_d))
-    return grid, dict(SHORT_T=block_t, SHORT_D=block_d, LONG_T=long_t, LONG_D=long_d, num_warps=num_warps)
+    walkers_first = long_t > block_t and walkers_first_tiles > 1 and cdiv(longest, long_t) >= walkers_first_tiles
+    grid = (offsets.numel() - 1, long_blocks * (2 if walkers_first else 1) + cdiv(feature_dim, block_d))
+    return grid, dict(SHORT_T=block_t, SHORT_D=block_d, LONG_T=long_t, LONG_D=long_d, WALKERS_FIRST=walkers_first,
+                      num_warps=num_warps)
 
 
 def check_jagged2(s, name: str) -> None:

@@ -487,8 +487,11 @@ def _attention_backward_kernel(
 SHORT_ROWS = 512
 
 
-def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None, hstu_mask: bool = False) -> dict:
-    tiles = _block_sizes(kernel, head_dim, head_dim_v, max_len)
+def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None, hstu_mask: bool = False,
+           plain: bool = False) -> dict:
+    """Launch tiles; ``plain``: softmax attention without a bias, dropout or HSTU mask (the
+    variant the backward's long-row tiles were measured on)."""
+    tiles = _block_sizes(kernel, head_dim, head_dim_v, max_len, plain)
     if hstu_mask:  # every tile is masked: no unmasked loop compiled (full_key_tiles_end knows no HSTU mask)
         tiles["UNMASKED_TILES"] = False
     if kernel == "backward":  # the dQ tiles' diagonals, for the bias gradient
@@ -496,7 +499,7 @@ def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = No
     return tiles
 
 
-def _block_sizes(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None) -> dict:
+def _block_sizes(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None, plain: bool = False) -> dict:
     """Block sizes and warps per kernel ("forward" or "backward"), by head dim and, when the
     longest row is known, by length bucket. Under the interpreter, 16 x 16 tiles so that small
     test rows still span several blocks (the multi-block paths are what the tests must reach).
@@ -530,6 +533,13 @@ def _block_sizes(kernel: str, head_dim: int, head_dim_v: int, max_len: int | Non
         return dict(KV_BLOCK_M=16, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=16, num_warps=8, num_stages=2, **dims)
     if short and max(block_d, block_dv) <= 64:  # 16-row inner blocks: 78 -> 65 us at max_L=256 D=64 skew
         return dict(KV_BLOCK_M=16, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=16, num_warps=4, num_stages=3, **dims)
+    if plain and max(block_d, block_dv) == 64:
+        # Rows over 512 at D=64: 128-key dK/dV blocks and 128 x 64 dQ tiles, twice the work per
+        # loaded tile (H100, graph replay, benchmarks/NOTES.md session 15): B=64 max_L=4096
+        # backward 3863 -> 3290 us (FA2 4025), causal 2331 -> 1948 (FA2 2220); B=256 max_L=1024
+        # 1145 -> 1096, causal 906 -> 829; B=64 max_L=2048 skewed 315 -> 316. At D=128 these tiles
+        # spill (B=64 max_L=1024: 302 -> 873 us); D=32 rows over 512 were not measured.
+        return dict(KV_BLOCK_M=32, KV_BLOCK_N=128, Q_BLOCK_M=128, Q_BLOCK_N=64, num_warps=4, num_stages=3, **dims)
     return dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=32, num_warps=4, num_stages=3, **dims)
 
 
@@ -620,7 +630,9 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         return dq, dk.zero_(), dv.zero_(), torch.zeros(bias.shape if bias_grad else (0,), dtype=torch.float32,
                                                       device=q.device)
     do = unit_last_stride(do)
-    tiles = _tiles("backward", q.shape[2], v.shape[2], max_len, _hstu_mask(num_targets, contextual_len, window))
+    hstu_mask = _hstu_mask(num_targets, contextual_len, window)
+    tiles = _tiles("backward", q.shape[2], v.shape[2], max_len, hstu_mask,
+                   activation == 0 and bias is None and dropout_p == 0 and not hstu_mask)
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
     # Bias gradient: one row of partial sums per (dQ program, head), summed in a fixed order

@@ -36,6 +36,12 @@ POOL_TILE_BYTES = 8192
 POOL_MAX_BLOCK_D = 64
 POOL_CHAIN_BYTES_SPLIT_LINE = 1_700_000
 POOL_CHAIN_BYTES_WHOLE_LINES = 4_000_000
+# With halved tiles, rows of several long tiles start first (ops/_rows.py: tiered_row,
+# WALKERS_FIRST) when the longest row spans at least this many. H100 (benchmarks/NOTES.md,
+# session 15): 8+ tiles 1-3% faster (B=1024 max_L=512 D=128 float32 skewed 33.7 -> 33.0 us,
+# B=256 max_L=512 D=256 float32 skewed 21.0 -> 20.2); at 4 tiles mixed (B=256 max_L=512 D=256
+# bf16 skewed 14.9 -> 15.4, B=512 max_L=256 D=64 float32 skewed 10.3 -> 10.1).
+POOL_WALKERS_FIRST_TILES = 8
 
 
 def _pool_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: int) -> tuple[tuple[int, int], dict]:
@@ -43,7 +49,8 @@ def _pool_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: int) ->
     tiers' tiles are equal when the one-tier kernel is to run (see POOL_CHAIN_BYTES_*)."""
     whole_lines = POOL_MAX_BLOCK_D * values2d.element_size() >= 256
     return tiered_walk_launch(offsets, values2d, longest, tile_bytes=POOL_TILE_BYTES, max_block_d=POOL_MAX_BLOCK_D,
-                              chain_bytes=POOL_CHAIN_BYTES_WHOLE_LINES if whole_lines else POOL_CHAIN_BYTES_SPLIT_LINE)
+                              chain_bytes=POOL_CHAIN_BYTES_WHOLE_LINES if whole_lines else POOL_CHAIN_BYTES_SPLIT_LINE,
+                              walkers_first_tiles=POOL_WALKERS_FIRST_TILES)
 
 
 @triton.jit
@@ -88,10 +95,12 @@ def _jagged_pool_kernel(
 def _jagged_pool_tiered_kernel(
     values_ptr, offsets_ptr, out_ptr, feature_dim, stride_vt, stride_ob,
     MEAN: tl.constexpr, SHORT_T: tl.constexpr, SHORT_D: tl.constexpr, LONG_T: tl.constexpr, LONG_D: tl.constexpr,
+    WALKERS_FIRST: tl.constexpr,
 ):
     # One program per (row, column block of its tier), the long rows' tier first
     # (ops/_rows.py: tiered_row), with taller, narrower tiles (see POOL_CHAIN_BYTES_*).
-    active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D)
+    active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D, LONG_T,
+                                                         WALKERS_FIRST)
     if active:
         row = tl.program_id(0).to(tl.int64)
         if long_tier:

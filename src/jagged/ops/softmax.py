@@ -34,13 +34,20 @@ SOFTMAX_TILE_VALUES = 8192
 # backward keeps full lines: halving slowed it at every shape measured (42.4 -> 45.7 us, 52.2 ->
 # 54.7 at the two above).
 SOFTMAX_CHAIN_BYTES = 4_000_000
+# With halved long-row tiles, the rows that walk several of them start before the rows of one
+# when the longest row spans at least this many (ops/_rows.py: tiered_row, WALKERS_FIRST).
+# H100, bf16 (benchmarks/NOTES.md, session 15): B=256 max_L=1024 D=256 skewed (4 tiles) 35.3 ->
+# 32.5 us together with no prefetch there (below); at 2 tiles it lost (B=256 max_L=512 D=256
+# skewed 21.1 -> 22.3: the extra, idle programs cost more than the order saves).
+SOFTMAX_WALKERS_FIRST_TILES = 4
 # The forward's long-row walk loads the next chunk (in the data's dtype) before it reduces the
-# current one when the longest row is known to span at least this many short-tier tiles. It
-# holds a second tile in registers (bf16 127 -> 168: 3 programs a SM instead of 4), which pays
-# only where long walks dominate. H100 (benchmarks/NOTES.md, session 14), bf16: B=256 max_L=1024
-# D=256 uniform 76.0 -> 70.0 us (skewed unchanged, 35.3 -> 35.4), B=1024 max_L=1024 D=128 skewed
+# current one when its tiles are full lines (not halved) and the longest row is known to span at
+# least this many of them. It holds a second tile in registers (bf16 127 -> 168: 3 programs a SM
+# instead of 4), which pays only where long walks dominate. H100 (benchmarks/NOTES.md, sessions
+# 14-15), bf16: B=256 max_L=1024 D=256 uniform 76.0 -> 70.0 us, B=1024 max_L=1024 D=128 skewed
 # 61.8 -> 58.7, B=256 max_L=2048 D=128 uniform 90.3 -> 77.8; with 4 tiles it lost (B=1024
-# max_L=512 D=128 skewed 32.2 -> 36.2), in float32 too.
+# max_L=512 D=128 skewed 32.2 -> 36.2), in float32 too; with halved tiles, whose walks are half
+# as long, it lost too (B=256 max_L=1024 D=256 skewed, walkers first: 32.5 -> 34.5).
 SOFTMAX_PREFETCH_TILES = 8
 
 
@@ -51,11 +58,18 @@ def _softmax_launch(offsets: torch.Tensor, values2d: torch.Tensor, longest: int,
     element_size = values2d.element_size()
     grid, tiles = tiered_walk_launch(offsets, values2d, longest, tile_bytes=SOFTMAX_TILE_VALUES * element_size,
                                      max_block_d=SOFTMAX_LINE_BYTES // element_size,
-                                     chain_bytes=SOFTMAX_CHAIN_BYTES if halve_long_tiles else 0)
+                                     chain_bytes=SOFTMAX_CHAIN_BYTES if halve_long_tiles else 0,
+                                     walkers_first_tiles=SOFTMAX_WALKERS_FIRST_TILES)
     # With a long tier the short tier's rows fit one tile, and its programs compile for that
     # alone (a length branch there cost 2-3%: B=4096 max_L=256 D=64 bf16 43.7 -> 45.1 us).
     tiles["LONG_TIER"] = grid[1] > cdiv(values2d.shape[1], tiles["SHORT_D"])
     return grid, tiles
+
+
+def _prefetches(tiles: dict, longest: int) -> bool:
+    """Whether the forward's long-row walk prefetches (SOFTMAX_PREFETCH_TILES); longest 0
+    (unknown): no."""
+    return tiles["LONG_T"] == tiles["SHORT_T"] and cdiv(longest, tiles["SHORT_T"]) >= SOFTMAX_PREFETCH_TILES
 
 
 @triton.jit
@@ -124,6 +138,7 @@ def _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, str
 def _jagged_softmax_forward_kernel(
     x_ptr, offsets_ptr, y_ptr, feature_dim, stride_xt, stride_yt,
     SHORT_T: tl.constexpr, SHORT_D: tl.constexpr, LONG_T: tl.constexpr, LONG_D: tl.constexpr,
+    WALKERS_FIRST: tl.constexpr,
     LONG_TIER: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # One program per (row, column block of its tier); the grid runs the long-row tier first for
@@ -134,7 +149,8 @@ def _jagged_softmax_forward_kernel(
     # write are the data's last touch here: marked evict-first, they leave L2 to the pass-1 tiles
     # that other long rows are about to read again (same shape, 37.2 -> 34.6 us; uniform lengths
     # 72.2 -> 62.7; benchmarks/NOTES.md, session 11).
-    active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D)
+    active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D, LONG_T,
+                                                         WALKERS_FIRST)
     if active:
         if long_tier:
             _softmax_row(x_ptr, y_ptr, begin, length, block, feature_dim, stride_xt, stride_yt, LONG_T, LONG_D,
@@ -202,12 +218,14 @@ def _softmax_grad_row(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, 
 def _jagged_softmax_backward_kernel(
     y_ptr, dy_ptr, offsets_ptr, dx_ptr, feature_dim, stride_yt, stride_dyt, stride_dxt,
     SHORT_T: tl.constexpr, SHORT_D: tl.constexpr, LONG_T: tl.constexpr, LONG_D: tl.constexpr,
+    WALKERS_FIRST: tl.constexpr,
     LONG_TIER: tl.constexpr,
 ):
     # The forward's grid and tiers (long rows first): B=1024 max_L=512 D=128 bf16 skewed 45.1 ->
     # 38.2 us, uniform 94.3 -> 83.8, with y and dy of a one-tile row read once (41.4 and 94.1 us
     # with its two passes; benchmarks/NOTES.md, session 13).
-    active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D)
+    active, long_tier, block, begin, length = tiered_row(offsets_ptr, feature_dim, SHORT_T, SHORT_D, LONG_T,
+                                                         WALKERS_FIRST)
     if active:
         if long_tier:
             _softmax_grad_walk(y_ptr, dy_ptr, dx_ptr, begin, length, block, feature_dim, stride_yt, stride_dyt,
@@ -227,9 +245,8 @@ def _softmax_forward(x2d: torch.Tensor, offsets: torch.Tensor, longest: int = 0)
     y = torch.empty((x2d.shape[0], x2d.shape[1]), dtype=x2d.dtype, device=x2d.device)
     if y.numel():
         grid, tiles = _softmax_launch(offsets, x2d, longest, True)
-        prefetch = cdiv(longest, tiles["SHORT_T"]) >= SOFTMAX_PREFETCH_TILES  # longest 0 (unknown): no
         _jagged_softmax_forward_kernel[grid](x2d, offsets, y, x2d.shape[1], x2d.stride(0), y.stride(0),
-                                             PREFETCH=prefetch, **tiles)
+                                             PREFETCH=_prefetches(tiles, longest), **tiles)
     return y
 
 
