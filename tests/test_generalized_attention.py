@@ -2,6 +2,7 @@
 HSTU target / contextual / window masks, dropout, deterministic bias gradient; against the padded
 float64 reference, forward and the gradients of q, k, v and the bias."""
 
+import math
 import pytest
 import torch
 from hypothesis import given, settings
@@ -53,8 +54,12 @@ def check(q_lengths, k_lengths, options, *, heads=2, head_dim=16, dtype=torch.fl
     assert_close(out, ref, tol=dtype)
     for name, g, gr in zip("qkvb", grads, grads_ref):
         gr = torch.zeros_like(g, dtype=torch.float64) if gr is None else gr
-        # The bias gradient sums dL/ds over many pairs: compare on the scale of its terms.
-        assert_close(g, gr, tol=dtype, name=f"grad {name}", scale=float(gr.abs().max()) + 1.0 if name == "b" else None)
+        # The bias gradient sums dL/ds over many pairs whose terms cancel within each query row
+        # (softmax: sum_j dS_ij = 0), so its rounding error grows like sqrt(rows summed) times a
+        # term's (float16, one bias entry over 116 rows: ~0.02 against an exact 0): compare on
+        # that scale.
+        bias_scale = float(gr.abs().max()) + math.sqrt(max(1, q.shape[0]))
+        assert_close(g, gr, tol=dtype, name=f"grad {name}", scale=bias_scale if name == "b" else None)
     return out, grads
 
 
