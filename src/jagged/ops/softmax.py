@@ -36,8 +36,8 @@ SOFTMAX_TILE_VALUES = 8192
 SOFTMAX_CHAIN_BYTES = 4_000_000
 # With halved long-row tiles, the rows that walk several of them start before the rows of one
 # when the longest row spans at least this many (ops/_rows.py: tiered_row, WALKERS_FIRST).
-# H100, bf16 (benchmarks/NOTES.md, session 15): B=256 max_L=1024 D=256 skewed (4 tiles) 35.3 ->
-# 32.5 us together with no prefetch there (below); at 2 tiles it lost (B=256 max_L=512 D=256
+# H100, bf16 (benchmarks/NOTES.md, session 15): B=256 max_L=1024 D=256 skewed (4 tiles) 35.0 ->
+# 32.0 us together with no prefetch there (below); at 2 tiles it lost (B=256 max_L=512 D=256
 # skewed 21.1 -> 22.3: the extra, idle programs cost more than the order saves).
 SOFTMAX_WALKERS_FIRST_TILES = 4
 # The forward's long-row walk loads the next chunk (in the data's dtype) before it reduces the
