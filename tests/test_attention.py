@@ -27,13 +27,14 @@ def tolerance(dtype):
 
 
 def check_attention(q_lengths, k_lengths, heads, head_dim, head_dim_v, dtype, causal,
-                    scale=None, offsets_dtype=torch.int64, self_attention=False):
+                    scale=None, offsets_dtype=torch.int64, self_attention=False, max_len=None):
     q_offsets = make_offsets(q_lengths, offsets_dtype)
     k_offsets = q_offsets if self_attention else make_offsets(k_lengths, offsets_dtype)
     q = random_values((sum(q_lengths), heads, head_dim), dtype, requires_grad=True)
     k = random_values((sum(k_lengths), heads, head_dim), dtype, requires_grad=True)
     v = random_values((sum(k_lengths), heads, head_dim_v), dtype, requires_grad=True)
-    out = jagged.jagged_flash_attention_values(q, k, v, q_offsets, k_offsets, causal=causal, scale=scale)
+    out = jagged.jagged_flash_attention_values(q, k, v, q_offsets, k_offsets, causal=causal, scale=scale,
+                                               max_len=max_len)
     ref = reference.jagged_attention(q.double(), k.double(), v.double(), q_offsets, k_offsets,
                                      causal=causal, scale=scale, compute_dtype=torch.float64)
     assert out.dtype == dtype and out.shape == (sum(q_lengths), heads, head_dim_v)
@@ -249,3 +250,18 @@ def test_gpu_sizes(dtype, head_dim, causal):
     check_attention(lengths, lengths, 3, head_dim, head_dim, dtype, causal, self_attention=True)
     k_lengths = torch.randint(0, 400, (len(lengths),)).tolist()
     check_attention(lengths, k_lengths, 2, head_dim, head_dim, dtype, causal)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the GPU's tiles; the interpreter has one set")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("max_len", [128, 256, 512, 2048])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_tile_buckets(dtype, head_dim, max_len, causal):
+    """Each length bucket's tiles (ops/attention.py: _block_sizes, picked by the max_len hint)
+    against the reference, forward and backward, with rows that fill the bucket: the longest
+    exactly max_len, others spread below it, a one-token and an empty row."""
+    lengths = torch.randint(1, max_len + 1, (6 if max_len > 512 else 14,)).tolist() + [max_len, 0, 1]
+    check_attention(lengths, lengths, 2, head_dim, head_dim, dtype, causal, self_attention=True, max_len=max_len)
+    k_lengths = torch.randint(0, max_len + 1, (len(lengths),)).tolist()
+    check_attention(lengths, k_lengths, 2, head_dim, head_dim, dtype, causal, max_len=max(lengths + k_lengths))

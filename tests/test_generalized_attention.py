@@ -28,9 +28,10 @@ def make_inputs(q_lengths, k_lengths, heads, head_dim, dtype, self_attention, ma
     return q, k, v, q_offsets, k_offsets, bias
 
 
-def run_both(q, k, v, q_offsets, k_offsets, bias, options, dtype, dropout_keep=None):
-    """Output and gradients (q, k, v, bias) of the kernel and of the float64 reference."""
-    jq, jk, jv = (JaggedTensor(x, o) for x, o in ((q, q_offsets), (k, k_offsets), (v, k_offsets)))
+def run_both(q, k, v, q_offsets, k_offsets, bias, options, dtype, dropout_keep=None, max_len=None):
+    """Output and gradients (q, k, v, bias) of the kernel and of the float64 reference. max_len:
+    the JaggedTensors' longest-row hint (it picks the GPU's tiles)."""
+    jq, jk, jv = (JaggedTensor(x, o, max_len=max_len) for x, o in ((q, q_offsets), (k, k_offsets), (v, k_offsets)))
     out = jagged.jagged_attention(jq, jk, jv, bias=bias, **options).values
     ref_options = {name: value for name, value in options.items() if name not in ("seed", "deterministic")}
     ref = reference.jagged_attention(q.double(), k.double(), v.double(), q_offsets, k_offsets,
@@ -44,12 +45,12 @@ def run_both(q, k, v, q_offsets, k_offsets, bias, options, dtype, dropout_keep=N
 
 
 def check(q_lengths, k_lengths, options, *, heads=2, head_dim=16, dtype=torch.float32, self_attention=True,
-          max_distance=None, dropout_keep=None):
+          max_distance=None, dropout_keep=None, max_len=None):
     q, k, v, q_offsets, k_offsets, bias = make_inputs(q_lengths, k_lengths, heads, head_dim, dtype, self_attention,
                                                       max_distance)
     if options.get("num_targets") == "random":
         options = dict(options, num_targets=torch.tensor([min(n, 1 + n // 3) for n in k_lengths], dtype=torch.int64, device=DEVICE))
-    out, ref, grads, grads_ref = run_both(q, k, v, q_offsets, k_offsets, bias, options, dtype, dropout_keep)
+    out, ref, grads, grads_ref = run_both(q, k, v, q_offsets, k_offsets, bias, options, dtype, dropout_keep, max_len)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close(out, ref, tol=dtype)
     for name, g, gr in zip("qkvb", grads, grads_ref):
@@ -237,3 +238,16 @@ def test_gpu_recsys_shapes(activation, dtype):
     lengths = [300, 0, 17, 511, 128, 64]
     check(lengths, lengths, dict(activation=activation, causal=True, num_targets="random", contextual_len=2,
                                  window=100, deterministic=True), heads=4, head_dim=64, dtype=dtype, max_distance=64)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the GPU's tiles; the interpreter has one set")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("head_dim, max_len", [(32, 128), (32, 512), (64, 256), (64, 1024)])
+def test_gpu_tile_buckets(activation, head_dim, max_len):
+    """Every feature on, with the max_len hint set, so that each length bucket's tiles (the
+    smallest forward tiles at D <= 32 and rows up to 128 among them) run the bias, mask and
+    dropout-free paths on rows that fill the bucket."""
+    lengths = torch.randint(1, max_len + 1, (8,)).tolist() + [max_len, 0, 1]
+    check(lengths, lengths, dict(activation=activation, causal=True, num_targets="random", contextual_len=2,
+                                 window=max_len // 3, deterministic=True), heads=2, head_dim=head_dim,
+          dtype=torch.bfloat16, max_distance=32, max_len=max_len)

@@ -485,6 +485,8 @@ def _attention_backward_kernel(
 
 # Rows at most this long take the short-row tiles (when the caller knows max_len).
 SHORT_ROWS = 512
+# ... and at most this long, at head dims up to 32, the forward's smallest tiles.
+TINY_ROWS = 128
 
 
 def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None, hstu_mask: bool = False,
@@ -522,6 +524,12 @@ def _block_sizes(kernel: str, head_dim: int, head_dim_v: int, max_len: int | Non
     if kernel == "forward":
         if widest:
             return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, **dims)
+        if short and max_len <= TINY_ROWS and max(block_d, block_dv) <= 32:
+            # Rows up to 128 at D <= 32: 32 x 16 tiles on two warps (H100, graph replay,
+            # benchmarks/NOTES.md session 16): B=1024 max_L=128 H=2 D=32 skew 23.4 -> 20.6 us (FA2
+            # 46.3), uniform 36.2 -> 35.6. They lose at max_L=256 (skew 31.2 -> 32.1, uniform
+            # 62 -> 70 at H=8) and at D=64 (uniform max_L=128 83 -> 115).
+            return dict(BLOCK_M=32, BLOCK_N=16, num_warps=2, num_stages=3, **dims)
         # Short rows: 32-key blocks waste less of a row's last block (H100, graph replay: 33 -> 29
         # us at B=256 max_L=256 D=64 skew; 94 -> 83 us at D=128).
         return dict(BLOCK_M=64, BLOCK_N=32 if short else 64, num_warps=4, num_stages=3, **dims)
@@ -533,12 +541,13 @@ def _block_sizes(kernel: str, head_dim: int, head_dim_v: int, max_len: int | Non
         return dict(KV_BLOCK_M=16, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=16, num_warps=8, num_stages=2, **dims)
     if short and max(block_d, block_dv) <= 64:  # 16-row inner blocks: 78 -> 65 us at max_L=256 D=64 skew
         return dict(KV_BLOCK_M=16, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=16, num_warps=4, num_stages=3, **dims)
-    if plain and max(block_d, block_dv) == 64:
-        # Rows over 512 at D=64: 128-key dK/dV blocks and 128 x 64 dQ tiles, twice the work per
-        # loaded tile (H100, graph replay, benchmarks/NOTES.md session 15): B=64 max_L=4096
-        # backward 3863 -> 3290 us (FA2 4025), causal 2331 -> 1948 (FA2 2220); B=256 max_L=1024
-        # 1145 -> 1096, causal 906 -> 829; B=64 max_L=2048 skewed 315 -> 316. At D=128 these tiles
-        # spill (B=64 max_L=1024: 302 -> 873 us); D=32 rows over 512 were not measured.
+    if plain and max(block_d, block_dv) <= 64:
+        # Rows over 512 at D <= 64: 128-key dK/dV blocks and 128 x 64 dQ tiles, twice the work per
+        # loaded tile (H100, graph replay, benchmarks/NOTES.md sessions 15-16): D=64, B=64
+        # max_L=4096 backward 3863 -> 3290 us (FA2 4025), causal 2331 -> 1948 (FA2 2220); B=256
+        # max_L=1024 1145 -> 1096, causal 906 -> 829; B=64 max_L=2048 skewed 315 -> 316. D=32 (H=8):
+        # B=16 max_L=4096 1231 -> 1114 (FA2 1450), causal 741 -> 658; B=64 max_L=1024 403 -> 389;
+        # D=16: 1120 -> 1003. At D=128 these tiles spill (B=64 max_L=1024: 302 -> 873 us).
         return dict(KV_BLOCK_M=32, KV_BLOCK_N=128, Q_BLOCK_M=128, Q_BLOCK_N=64, num_warps=4, num_stages=3, **dims)
     return dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=32, num_warps=4, num_stages=3, **dims)
 
