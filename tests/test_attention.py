@@ -265,3 +265,39 @@ def test_gpu_tile_buckets(dtype, head_dim, max_len, causal):
     check_attention(lengths, lengths, 2, head_dim, head_dim, dtype, causal, self_attention=True, max_len=max_len)
     k_lengths = torch.randint(0, max_len + 1, (len(lengths),)).tolist()
     check_attention(lengths, k_lengths, 2, head_dim, head_dim, dtype, causal, max_len=max(lengths + k_lengths))
+
+
+@pytest.mark.parametrize("int32_offsets", [False, True], ids=["int64", "int32"])
+def test_offset_widths(monkeypatch, int32_offsets):
+    """The kernels narrow row positions to int32 when every element offset fits
+    (INT32_OFFSETS); both widths must match the reference (the large GPU test in
+    tests/test_gpu_scale.py reaches int64 with real tensors past 2^31 elements)."""
+    from jagged.ops import attention
+
+    monkeypatch.setattr(attention, "_int32_offsets", lambda *args: int32_offsets)
+    q_lengths = [40, 7, 0, 33, 1]
+    check_attention(q_lengths, q_lengths, 2, 32, 16, torch.float32, True, self_attention=True)
+    check_attention(q_lengths, [29, 0, 3, 50, 16], 2, 16, 32, torch.float16, False)
+
+
+def test_int32_offsets_decision():
+    """INT32_OFFSETS only when the farthest element, plus the spare rows a block's masked lanes
+    address, stays below 2^31, for [T, H, D] tensors (strided views included) and [H, T] ones."""
+    from jagged.ops.attention import _SPARE_ROWS, _int32_offsets
+
+    def meta(*shape, stride=None):
+        x = torch.empty(shape, device="meta")
+        return x if stride is None else x.as_strided(shape, stride)
+
+    last_ok = 2 ** 31 - _SPARE_ROWS  # tokens of a [T, 1, 1] tensor: (T - 1) + spare = 2^31 - 1
+    assert _int32_offsets((meta(last_ok, 1, 1),))
+    assert not _int32_offsets((meta(last_ok + 1, 1, 1),))
+    assert _int32_offsets((meta(1000, 8, 128),), (meta(8, 1000),))
+    assert not _int32_offsets((meta(2 ** 21, 8, 128),))  # 2^31 elements
+    # A view of a packed [T, 3, H, D] tensor: its token stride is 3 H D.
+    assert not _int32_offsets((meta(2 ** 20, 8, 128, stride=(3 * 8 * 128, 128, 1)),))
+    assert _int32_offsets((meta(2 ** 19, 8, 128, stride=(3 * 8 * 128, 128, 1)),))
+    # [H, T]: the last head's row starts at (H - 1) T.
+    assert not _int32_offsets((), (meta(8, 2 ** 28),))
+    assert _int32_offsets((), (meta(7, 2 ** 28),))
+    assert _int32_offsets((meta(0, 4, 64),), (meta(4, 0),))

@@ -12,6 +12,7 @@ import torch
 
 import jagged
 from jagged import JaggedTensor, reference
+from jagged.ops import attention
 from helpers import ON_GPU, assert_close, make_offsets, random_values
 from op_table import OPS
 
@@ -128,6 +129,7 @@ def test_attention_past_2_31_elements():
     heads, head_dim = 8, 128
     q, k, v = (random_values((sum(lengths), heads, head_dim), BF16, requires_grad=True) for _ in range(3))
     assert q.numel() > 2**31
+    assert not attention._int32_offsets((q,))  # the kernels' 64-bit offsets
     out = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=True, validate=False)
     do = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)

@@ -1,0 +1,24 @@
+"""Compile the attention kernels for an H100 (sm_90) on the CPU, without running them.
+
+The interpreter does not type-check: a variable that changes integer width inside a runtime
+branch, or a helper whose returns differ in width, runs there and fails Triton's compiler on the
+GPU. Both passed the CPU tests and failed on the GPU once (session 16, the int32 row offsets).
+The compile runs in a subprocess: tests/conftest.py sets TRITON_INTERPRET for this process.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def test_attention_kernels_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default; silences Triton 3.9's notice
+    script = Path(__file__).with_name("_compile_attention.py")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    assert result.stdout.count("compiled ") == 16, result.stdout
