@@ -583,12 +583,18 @@ def _int32_offsets(token_major: tuple, head_major: tuple = ()) -> bool:
     """Whether every element offset the attention kernels form fits in int32 (they then narrow
     row positions to int32: INT32_OFFSETS): for ``token_major`` tensors [T, H, D] and
     ``head_major`` ones [H, T] (log-sum-exp, delta), the farthest element plus _SPARE_ROWS tokens.
-    Shapes and strides only: no device synchronisation."""
-    for tensors, token_dim in ((token_major, 0), (head_major, 1)):
-        for x in tensors:
-            reach = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()) if size > 0)
-            if reach + _SPARE_ROWS * x.stride(token_dim) >= 2 ** 31:
-                return False
+    Shapes and strides only: no device synchronisation. Plain arithmetic on the unpacked sizes:
+    it runs on every eager call (a generic loop over dims cost 9 us a backward call on the CPU
+    machine, this 4)."""
+    for x in token_major:
+        (tokens, heads, dim), (stride_t, stride_h, stride_d) = x.shape, x.stride()
+        reach = (tokens - 1 + _SPARE_ROWS) * stride_t + max(heads - 1, 0) * stride_h + max(dim - 1, 0) * stride_d
+        if reach >= 2 ** 31:
+            return False
+    for x in head_major:
+        (heads, tokens), (stride_h, stride_t) = x.shape, x.stride()
+        if max(heads - 1, 0) * stride_h + (tokens - 1 + _SPARE_ROWS) * stride_t >= 2 ** 31:
+            return False
     return True
 
 
