@@ -27,11 +27,15 @@ def tolerance(dtype):
 
 
 def check_attention(q_lengths, k_lengths, heads, head_dim, head_dim_v, dtype, causal,
-                    scale=None, offsets_dtype=torch.int64, self_attention=False, max_len=None):
+                    scale=None, offsets_dtype=torch.int64, self_attention=False, max_len=None, key_gain=None):
+    """key_gain: an optional [T_k, heads] factor on the keys (scores that grow along a row)."""
     q_offsets = make_offsets(q_lengths, offsets_dtype)
     k_offsets = q_offsets if self_attention else make_offsets(k_lengths, offsets_dtype)
     q = random_values((sum(q_lengths), heads, head_dim), dtype, requires_grad=True)
-    k = random_values((sum(k_lengths), heads, head_dim), dtype, requires_grad=True)
+    k = random_values((sum(k_lengths), heads, head_dim), dtype)
+    if key_gain is not None:
+        k = (k.float() * key_gain.to(k.device)[:, :, None]).to(dtype)
+    k.requires_grad_(True)
     v = random_values((sum(k_lengths), heads, head_dim_v), dtype, requires_grad=True)
     out = jagged.jagged_flash_attention_values(q, k, v, q_offsets, k_offsets, causal=causal, scale=scale,
                                                max_len=max_len)
@@ -97,6 +101,21 @@ def test_scale_signs(scale, causal):
     scale-first path. Rows span several key tiles, with masked ends."""
     check_attention([37, 5, 0, 18], [37, 5, 0, 18], 2, 16, 16, torch.float32, causal, scale=scale,
                     self_attention=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_growing_scores(dtype, causal):
+    """Scores that grow along the row, so that the forward's running max moves by more than its
+    lazy-rescale threshold between key tiles (head 0: by ~20 in base 2 a 16-key tile, past
+    float16's range over the row: a kernel that stopped rescaling overflows) and by less (head 1:
+    by ~1, the stale max is kept); the third row's scores shrink instead."""
+    lengths = [45, 3, 40, 0]
+    position = torch.cat([torch.arange(n, dtype=torch.float32) for n in lengths])
+    shrink = torch.cat([torch.full((n,), float(b == 2)) for b, n in enumerate(lengths)])
+    position = torch.where(shrink.bool(), lengths[2] - position, position)
+    gain = torch.stack([1 + position, 1 + position / 16], 1)
+    check_attention(lengths, lengths, 2, 16, 16, dtype, causal, self_attention=True, key_gain=gain)
 
 
 def test_query_with_no_key_gets_zero_and_no_nan():
@@ -267,14 +286,19 @@ def test_gpu_tile_buckets(dtype, head_dim, max_len, causal):
     check_attention(lengths, k_lengths, 2, head_dim, head_dim, dtype, causal, max_len=max(lengths + k_lengths))
 
 
+@pytest.mark.parametrize("row_finder", ["scan", "search"])
 @pytest.mark.parametrize("int32_offsets", [False, True], ids=["int64", "int32"])
-def test_offset_widths(monkeypatch, int32_offsets):
+def test_offset_widths(monkeypatch, int32_offsets, row_finder):
     """The kernels narrow row positions to int32 when every element offset fits
     (INT32_OFFSETS); both widths must match the reference (the large GPU test in
-    tests/test_gpu_scale.py reaches int64 with real tensors past 2^31 elements)."""
+    tests/test_gpu_scale.py reaches int64 with real tensors past 2^31 elements). Each with
+    both ways of finding a program's row: the scan over all offsets (small batches) and the
+    binary search (large ones)."""
     from jagged.ops import attention
 
     monkeypatch.setattr(attention, "_int32_offsets", lambda *args: int32_offsets)
+    if row_finder == "search":
+        monkeypatch.setattr(attention, "scan_width", lambda *args: 0)
     q_lengths = [40, 7, 0, 33, 1]
     check_attention(q_lengths, q_lengths, 2, 32, 16, torch.float32, True, self_attention=True)
     check_attention(q_lengths, [29, 0, 3, 50, 16], 2, 16, 32, torch.float16, False)

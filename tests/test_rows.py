@@ -7,34 +7,38 @@ import triton
 import triton.language as tl
 
 from helpers import DEVICE, make_offsets
-from jagged.ops._rows import row_block
-from jagged.ops._utils import slot_search
+from jagged.ops._rows import slot_row_block
+from jagged.ops._utils import SCAN_OFFSETS_PER_THREAD, next_power_of_2, scan_width, slot_search
 
 
 @triton.jit
-def _row_block_kernel(offsets_ptr, out_ptr, batch_size, row_search, BLOCK: tl.constexpr, WIDE_SEARCH: tl.constexpr):
+def _row_block_kernel(offsets_ptr, out_ptr, batch_size, row_search, BLOCK: tl.constexpr, WIDE_SEARCH: tl.constexpr,
+                      SCAN: tl.constexpr):
     slot = tl.program_id(0).to(tl.int64)
-    row, begin, length, block = row_block(offsets_ptr, slot, batch_size, row_search, BLOCK, WIDE_SEARCH)
-    tl.store(out_ptr + 2 * slot, row)
-    tl.store(out_ptr + 2 * slot + 1, block)
+    row, begin, length, block = slot_row_block(offsets_ptr, slot, batch_size, row_search, BLOCK, WIDE_SEARCH, SCAN)
+    tl.store(out_ptr + 4 * slot, row)
+    tl.store(out_ptr + 4 * slot + 1, block)
+    tl.store(out_ptr + 4 * slot + 2, begin)
+    tl.store(out_ptr + 4 * slot + 3, length)
 
 
 def expected_slots(lengths, block):
-    """(row, block) of every work slot: row b owns offsets[b+1]//block - offsets[b]//block + 1."""
+    """(row, block, row begin, row length) of every work slot: row b owns offsets[b+1]//block -
+    offsets[b]//block + 1."""
     offsets = [0]
     for length in lengths:
         offsets.append(offsets[-1] + length)
     slots = []
     for b in range(len(lengths)):
         count = offsets[b + 1] // block - offsets[b] // block + 1
-        slots += [(b, j) for j in range(count)]
+        slots += [(b, j, offsets[b], lengths[b]) for j in range(count)]
     return slots
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 31, 32, 33, 100, 1023, 1025, 1100])
 @pytest.mark.parametrize("block", [4, 16])
-@pytest.mark.parametrize("wide", [True, False], ids=["32-way", "binary"])
-def test_row_block_finds_every_slot_row(batch_size, block, wide):
+@pytest.mark.parametrize("finder", ["32-way", "binary", "scan"])
+def test_row_block_finds_every_slot_row(batch_size, block, finder):
     generator = torch.Generator().manual_seed(batch_size * block)
     lengths = torch.randint(0, 3 * block, (batch_size,), generator=generator)
     lengths[torch.rand(batch_size, generator=generator) < 0.3] = 0  # empty rows own a spare slot
@@ -42,10 +46,21 @@ def test_row_block_finds_every_slot_row(batch_size, block, wide):
     slots = expected_slots(lengths, block)
     offsets = make_offsets(lengths)
     assert len(slots) == batch_size + sum(lengths) // block  # the grid every launcher uses
-    out = torch.full((len(slots), 2), -1, dtype=torch.int64, device=DEVICE)
+    out = torch.full((len(slots), 4), -1, dtype=torch.int64, device=DEVICE)
+    wide = finder == "32-way"
+    scan = next_power_of_2(batch_size + 1) if finder == "scan" else 0
     _row_block_kernel[(len(slots),)](offsets, out, batch_size, slot_search(batch_size, wide), BLOCK=block,
-                                     WIDE_SEARCH=wide)
+                                     WIDE_SEARCH=wide, SCAN=scan)
     assert out.cpu().tolist() == [list(s) for s in slots]
+
+
+def test_scan_width():
+    """The scan's width: a power of two >= B + 1, at most SCAN_OFFSETS_PER_THREAD offsets a
+    thread and fewer than 2^31 tokens; else 0 (the search)."""
+    assert SCAN_OFFSETS_PER_THREAD == 4
+    assert [scan_width(b, 4, 100) for b in (0, 1, 255, 256, 511, 512)] == [1, 2, 256, 512, 512, 0]
+    assert scan_width(255, 2, 100) == 256 and scan_width(256, 2, 100) == 0 and scan_width(1023, 8, 100) == 1024
+    assert scan_width(100, 4, 2 ** 31 - 1) == 128 and scan_width(100, 4, 2 ** 31) == 0
 
 
 def test_search_levels():

@@ -144,6 +144,43 @@ def row_block(offsets_ptr, slot, batch_size, row_search, BLOCK: tl.constexpr, WI
 
 
 @triton.jit
+def _scan_combine(count_a, begin_a, end_a, count_b, begin_b, end_b):
+    return count_a + count_b, tl.maximum(begin_a, begin_b), tl.minimum(end_a, end_b)
+
+
+@triton.jit
+def scan_row_block(offsets_ptr, slot, batch_size, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    """row_block by one parallel pass instead of a search: the program loads all B + 1 offsets
+    at once (SCAN >= B + 1, a power of two) and reduces them: the row is the count of keys <=
+    slot (see find_row) less one, its begin the largest offset among those keys, its end the
+    smallest among the others. One load latency instead of a search's ceil(log2 B) dependent
+    ones, which held a short-row attention program ~26% of its life (ncu, H100). Offsets < 2^31
+    (the attention kernels' limit); returns int64 like row_block."""
+    index = tl.arange(0, SCAN)
+    inside = index <= batch_size
+    offsets = tl.load(offsets_ptr + index, mask=inside, other=0).to(tl.int32)
+    below = inside & (offsets // BLOCK + index <= slot.to(tl.int32))
+    count, begin, end = tl.reduce((below.to(tl.int32), tl.where(below, offsets, 0),
+                                   tl.where(below | ~inside, 2147483647, offsets)), 0, _scan_combine)
+    row = (count - 1).to(tl.int64)
+    begin = begin.to(tl.int64)
+    return row, begin, end.to(tl.int64) - begin, slot - (begin // BLOCK + row)
+
+
+@triton.jit
+def slot_row_block(offsets_ptr, slot, batch_size, row_search, BLOCK: tl.constexpr, WIDE_SEARCH: tl.constexpr,
+                   SCAN: tl.constexpr):
+    """row_block, by one parallel pass over the offsets when SCAN > 0 (ops/_utils.py:
+    scan_width), else by the search; the row in int64 either way."""
+    if SCAN > 0:
+        row, begin, length, block = scan_row_block(offsets_ptr, slot, batch_size, BLOCK, SCAN)
+    else:
+        row, begin, length, block = row_block(offsets_ptr, slot, batch_size, row_search, BLOCK, WIDE_SEARCH)
+        row = row.to(tl.int64)
+    return row, begin, length, block
+
+
+@triton.jit
 def square_tile_offsets(square_begin, length, rows, cols, TRANSPOSE: tl.constexpr):
     """Flat offsets of the entries (rows x cols) of a row's ``length x length`` jagged2 block
     (row-major from ``square_begin``); TRANSPOSE gives entry (cols, rows) instead: the

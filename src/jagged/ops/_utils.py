@@ -71,6 +71,20 @@ def slot_search(batch_size: int, wide: bool = True) -> int:
     return stride
 
 
+# Kernels find a work slot's row by one parallel pass over the offsets (ops/_rows.py:
+# scan_row_block) when that is at most this many offsets a thread, else by a search. H100, bf16,
+# graph replay, attention forward (benchmarks/NOTES.md, session 17): at 4 a thread (B=256, 4
+# warps) 25.4 -> 23.9 us skewed, 47.8 -> 45.8 uniform; at 32 (B=1024, 2 warps) 20.4 -> 25.4.
+SCAN_OFFSETS_PER_THREAD = 4
+
+
+def scan_width(batch_size: int, num_warps: int, total: int) -> int:
+    """The SCAN constexpr of ops/_rows.py: slot_row_block: the scan's width (a power of two >=
+    B + 1), or 0 for the search (too many offsets a thread, or ``total`` tokens past int32)."""
+    width = next_power_of_2(batch_size + 1)
+    return width if width <= SCAN_OFFSETS_PER_THREAD * 32 * num_warps and total < 2 ** 31 else 0
+
+
 def check_tensor(x, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -15,9 +15,9 @@ import triton.language as tl
 from .. import reference
 from ._library import jagged_op
 from ._launch import fast_launch
-from ._rows import row_block, row_span
+from ._rows import row_block, row_span, slot_row_block
 from ._utils import (RANGE_FLATTEN, TRITON_INTERPRETER, cdiv, check_jagged_matrix, check_same_rows, check_tensor,
-                     dot_precision, multiprocessor_count, slot_search, use_triton)
+                     dot_precision, multiprocessor_count, scan_width, slot_search, use_triton)
 
 
 @triton.jit
@@ -69,6 +69,7 @@ def _jagged_dense_bmm_kernel(
     stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     PERSISTENT: tl.constexpr, COL_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, Y_ROW_MAJOR: tl.constexpr,
+    SCAN: tl.constexpr,
 ):
     # Work slots cover real tokens only (see find_row). PERSISTENT: a fixed grid of programs,
     # each looping over (slot, column block) tiles, the tile loop flattened with the K loop so that
@@ -76,7 +77,10 @@ def _jagged_dense_bmm_kernel(
     # program an SM, which otherwise leaves nothing to overlap a program's prologue and epilogue).
     # Else one program per (slot, column block). COL_BLOCKS = cdiv(N, BLOCK_N) is a constexpr for
     # the persistent loop: divided by a runtime count, the flattened loop lost its 3-stage
-    # pipeline and vector stores (sm_90 PTX; benchmarks/NOTES.md, session 11).
+    # pipeline and vector stores (sm_90 PTX; benchmarks/NOTES.md, session 11). SCAN: a program
+    # (not the persistent loop) finds its row by a scan over the offsets (ops/_utils.py:
+    # scan_width; H100, B=128 max_L=512 D=128 skewed 11.7 -> 11.2 us); inside the persistent loop
+    # the scan's reductions cost the pipeline (B=256 max_L=1024 D=256 skewed 44.0 -> 53.0 us).
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             slot = tile // COL_BLOCKS
@@ -87,8 +91,8 @@ def _jagged_dense_bmm_kernel(
                 stride_xt, stride_xk, stride_yb, stride_yk, stride_yn, stride_ot, stride_on,
                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, True, EVEN_K, Y_ROW_MAJOR)
     else:
-        row, begin, length, block = row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search,
-                                              BLOCK_M, True)
+        row, begin, length, block = slot_row_block(offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search,
+                                                   BLOCK_M, True, SCAN)
         if block * BLOCK_M < length:
             _jagged_dense_bmm_tile(
                 x_ptr, y_ptr, out_ptr, row, begin, length, block, tl.program_id(1), k_dim, n_dim,
@@ -186,7 +190,8 @@ def _launch_jagged_dense_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Te
         x, y, out, offsets, batch_size, slot_search(batch_size), k_dim, n_dim, slots * col_blocks,
         *x.stride(), *y.stride(), *out.stride(), PRECISION=dot_precision(x.dtype), PERSISTENT=programs_per_sm > 0,
         COL_BLOCKS=col_blocks if programs_per_sm else 1, EVEN_K=k_dim % tiles["BLOCK_K"] == 0,
-        Y_ROW_MAJOR=y.stride(2) == 1, **tiles)
+        Y_ROW_MAJOR=y.stride(2) == 1, SCAN=0 if programs_per_sm else scan_width(batch_size, tiles["num_warps"], total),
+        **tiles)
     return out
 
 
