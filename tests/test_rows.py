@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from helpers import DEVICE, make_offsets
+from helpers import DEVICE, ON_GPU, make_offsets
 from jagged.ops._rows import slot_row_block
 from jagged.ops._utils import SCAN_OFFSETS_PER_THREAD, next_power_of_2, scan_width, slot_search
 
@@ -39,6 +39,10 @@ def expected_slots(lengths, block):
 @pytest.mark.parametrize("block", [4, 16])
 @pytest.mark.parametrize("finder", ["32-way", "binary", "scan"])
 def test_row_block_finds_every_slot_row(batch_size, block, finder):
+    if finder == "scan" and batch_size > 100 and not ON_GPU:
+        # A 2048-wide scan in each of ~2,000 programs takes minutes in the interpreter (its
+        # reduction combines element by element); the GPU suite runs these sizes.
+        pytest.skip("the interpreter: a 2048-wide scan per program; run on the GPU")
     generator = torch.Generator().manual_seed(batch_size * block)
     lengths = torch.randint(0, 3 * block, (batch_size,), generator=generator)
     lengths[torch.rand(batch_size, generator=generator) < 0.3] = 0  # empty rows own a spare slot
