@@ -106,10 +106,10 @@ def test_scale_signs(scale, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_growing_scores(dtype, causal):
-    """Scores that grow along the row, so that the forward's running max moves by more than its
-    lazy-rescale threshold between key tiles (head 0: by ~20 in base 2 a 16-key tile, past
-    float16's range over the row: a kernel that stopped rescaling overflows) and by less (head 1:
-    by ~1, the stale max is kept); the third row's scores shrink instead."""
+    """Scores that grow along the row, so that every key tile raises the forward's running max:
+    by ~20 in base 2 a 16-key tile at head 0 (past float16's range over the row: a forward that
+    skipped rescaling its accumulator would overflow) and by ~1 at head 1 (a skipped rescale
+    gives wrong weights); the third row's scores shrink instead."""
     lengths = [45, 3, 40, 0]
     position = torch.cat([torch.arange(n, dtype=torch.float32) for n in lengths])
     shrink = torch.cat([torch.full((n,), float(b == 2)) for b, n in enumerate(lengths)])
