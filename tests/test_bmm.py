@@ -81,6 +81,15 @@ def test_jagged_dense_bmm_persistent(lengths, k_dim, n_dim, programs_per_sm):
         check_jagged_dense_bmm(lengths, k_dim, n_dim, torch.float32)
 
 
+@pytest.mark.parametrize("row_finder", ["scan", "search"])
+def test_jagged_dense_bmm_row_finders(row_finder):
+    # A program of the one-per-tile kernel finds its row by a scan over all offsets in small
+    # batches (every interpreter test) and by the 32-way search in large ones: both here.
+    scan_width = bmm.scan_width if row_finder == "scan" else (lambda *args: 0)
+    with mock.patch.object(bmm, "scan_width", scan_width):
+        check_jagged_dense_bmm([5, 0, 40, 1, 17, 33, 0], 24, 40, torch.float32, transposed_y=True)
+
+
 def test_bad_input():
     x = JaggedTensor(random_values((9, 4), torch.float32), make_offsets([4, 5]))
     with pytest.raises(ValueError, match=r"y must be \[B=2, K=4, N\]"):

@@ -154,8 +154,9 @@ def scan_row_block(offsets_ptr, slot, batch_size, BLOCK: tl.constexpr, SCAN: tl.
     at once (SCAN >= B + 1, a power of two) and reduces them: the row is the count of keys <=
     slot (see find_row) less one, its begin the largest offset among those keys, its end the
     smallest among the others. One load latency instead of a search's ceil(log2 B) dependent
-    ones, which held a short-row attention program ~26% of its life (ncu, H100). Offsets < 2^31
-    (the attention kernels' limit); returns int64 like row_block."""
+    ones, which held a short-row attention program ~26% of its life (ncu, H100). Runs in int32:
+    offsets < 2^31 (ops/_utils.py: scan_width checks the token count); returns int64 like
+    row_block."""
     index = tl.arange(0, SCAN)
     inside = index <= batch_size
     offsets = tl.load(offsets_ptr + index, mask=inside, other=0).to(tl.int32)
