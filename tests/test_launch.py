@@ -159,3 +159,19 @@ def test_cached_launches_with_unit_and_wide_strides():
     for view in (base[..., :32], base[..., ::2][..., :32], base[..., 1:33], base[..., :32], base[..., 2::2]):
         assert_close(jagged.dense_to_jagged(view, offsets, 22), reference.dense_to_jagged(view, offsets, 22),
                      exact=True)
+
+
+def test_argument_key_of_tensor_descriptors_is_their_type():
+    """TMA descriptors (ops/attention_hopper.py) key by what Triton compiles for: dtype, block,
+    layout; their tensor's shape and strides are runtime values of the launch."""
+    gluon_hopper = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from triton.experimental.gluon import language as gl
+
+    def descriptor(rows, block, dtype=torch.bfloat16):
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+        return gluon_hopper.TensorDescriptor.from_tensor(torch.zeros(rows, 64, dtype=dtype), block, layout)
+
+    assert _launch.argument_key(descriptor(100, [64, 64])) == _launch.argument_key(descriptor(300, [64, 64]))
+    assert _launch.argument_key(descriptor(100, [64, 64])) != _launch.argument_key(descriptor(100, [32, 64]))
+    assert _launch.argument_key(descriptor(100, [64, 64])) != _launch.argument_key(descriptor(100, [64, 64], torch.float16))
+    hash(_launch.argument_key(descriptor(100, [64, 64])))

@@ -10,7 +10,8 @@ one through its ``run`` with the arguments Triton's launch would pass it (as
 
 The key tells apart every pair of calls that Triton could compile differently, and more:
 constexpr arguments and launch options (``num_warps``, ...) by value; tensors by dtype and
-16-byte alignment; ints by ``== 1``, divisibility by 16 and width (Triton's i32 / i64 / u64);
+16-byte alignment; TMA tensor descriptors by dtype, alignment, block shape, shared-memory layout
+and padding; ints by ``== 1``, divisibility by 16 and width (Triton's i32 / i64 / u64);
 bools by value; floats by kind; anything else (None, str, dtypes) by value. A finer key than
 Triton's only means a few more first calls through Triton's path, never a wrong kernel. A key
 seen for the first time, a grid given as a function, and the interpreter take Triton's path.
@@ -50,6 +51,10 @@ def argument_key(value):
         return float
     if kind is bool:
         return bool, value
+    block_shape = getattr(value, "block_shape", None)
+    if block_shape is not None:  # a TMA tensor descriptor: Triton specialises on its type only
+        return (kind, value.base.dtype, value.base.data_ptr() % 16 == 0, tuple(block_shape),
+                getattr(value, "layout", None), getattr(value, "padding", None))
     return value
 
 

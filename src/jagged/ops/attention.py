@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from . import attention_hopper
 from ._attention_scores import (accumulate_bias_grad, dropout_keep, finish_bias_grad, full_key_tiles_end,
                                 full_query_tiles_start, key_range, pointwise_activation, pointwise_activation_grad,
                                 query_range, relative_bias, visible)
@@ -646,6 +647,11 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
     lse = torch.empty((heads, total_q if activation == 0 else 0), dtype=torch.float32, device=q.device)
     batch_size = q_offsets.numel() - 1
     if total_q == 0 or heads == 0:
+        return out, lse
+    plain = activation == 0 and bias is None and dropout_p == 0 and not _hstu_mask(num_targets, contextual_len, window)
+    if (attention_hopper.hopper_forward_supported(q, k, v, q_offsets, scale, max_len, plain)
+            and attention_hopper.attention_forward_hopper(q, k, v, q_offsets, k_offsets, causal, scale, max_len, out,
+                                                          lse)):
         return out, lse
     tiles = _tiles("forward", head_dim, head_dim_v, max_len, _hstu_mask(num_targets, contextual_len, window))
     grid = (batch_size + total_q // tiles["BLOCK_M"], heads)

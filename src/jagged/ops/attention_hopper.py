@@ -1,0 +1,338 @@
+"""Jagged flash attention forward for Hopper (sm_90), written in Gluon: the Gluon kernel, its
+launcher, and the rule for when the library's attention forward takes it.
+
+The kernel computes what ops/attention.py's Triton forward computes for plain softmax attention
+(no bias, dropout, HSTU mask or pointwise activation; a positive scale): each program owns one
+block of BLOCK_M queries of one row and one head, and walks the row's keys in BLOCK_N tiles. It
+returns the same output and base-2 log-sum-exp, so the Triton backward runs on its result. It
+differs in how it moves data:
+
+- Q, K and V tiles arrive by TMA (one instruction, no per-thread address or mask arithmetic)
+  into a ring of shared-memory stages guarded by mbarriers; both matmuls are async wgmma.
+- Only the tiles that need it are masked: the row's last key tile and the causal diagonal.
+- The output leaves in 16-byte row-major vectors, after one layout conversion.
+
+TMA loads whole boxes: the rows of a tile past a row's end come from the next row (or are
+zeros past the tensor). Their scores are masked; their V rows are zeroed in shared memory before
+the P V matmul, so a non-finite value in one row never reaches another row (0 * inf is NaN).
+Queries past the row's end are computed and never stored.
+
+H100, bf16, CUDA-graph replay, forward us against the Triton kernel (benchmarks/NOTES.md,
+session 20): B=256 max_L=256 H=4 D=64 uniform 45.6 -> 40.7, skewed 24.4 -> 22.4, causal 41.9 ->
+36.7; max_L=512 uniform 106.5 -> 95.8; D=32 H=8 57.7 -> 52.1; D=128 72.8 -> 66.0; B=64 max_L=1024
+D=128 91 -> 77 (64-key tiles, softmax overlapped with the previous tile's P V).
+
+Gluon is Triton's experimental layer: its API has changed between releases (Triton 3.6 names the
+TMA load ``async_copy_global_to_shared``, 3.9 ``async_load``). Should a release fail to compile
+this kernel, the launcher warns once and the library keeps the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+import triton
+from triton.compiler.errors import CompilationError
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
+    gluon = None
+
+from ._launch import fast_launch
+from ._utils import TRITON_INTERPRETER, next_power_of_2, scan_width
+
+# JAGGED_HOPPER_ATTENTION=0 keeps every call on the Triton kernel (A/B timing, tests).
+ENABLED = os.environ.get("JAGGED_HOPPER_ATTENTION", "1") != "0"
+_HEAD_DIMS = (32, 64, 128)
+_DTYPES = (torch.bfloat16, torch.float16)
+_FAILED: set = set()  # launch configurations this Triton failed to compile
+
+if gluon is not None:
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier  # 3.9 / 3.6 names
+
+    @gluon.constexpr_function
+    def _store_layout(head_dim, num_warps):
+        # 8 elements (16 bytes) a thread, a warp's threads along whole rows
+        per_row = min(head_dim // 8, 32)
+        return gl.BlockedLayout([1, 8], [32 // per_row, per_row], [num_warps, 1], [1, 0])
+
+    @gluon.jit
+    def _slot_row(offsets_ptr, slot, batch_size, BLOCK_M: gl.constexpr, SCAN: gl.constexpr,
+                  num_warps: gl.constexpr):
+        """ops/_rows.py: scan_row_block in Gluon: a work slot's row, the row's begin and length,
+        and the slot's query block in the row, by one pass over all B + 1 offsets (int32)."""
+        layout: gl.constexpr = gl.BlockedLayout([SCAN // (32 * num_warps)], [32], [num_warps], [0])
+        index = gl.arange(0, SCAN, layout=layout)
+        inside = index <= batch_size
+        offsets = gl.load(offsets_ptr + index, mask=inside, other=0).to(gl.int32)
+        below = inside & (offsets // BLOCK_M + index <= slot)
+        row = gl.sum(below.to(gl.int32), 0) - 1
+        begin = gl.max(gl.where(below, offsets, 0), 0)
+        end = gl.min(gl.where(below | ~inside, 2147483647, offsets), 0)
+        return row, begin, end - begin, slot - (begin // BLOCK_M + row)
+
+    @gluon.jit
+    def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, tile, k_begin, col, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr):
+        stage = tile % STAGES
+        bar = bars.index(stage)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [k_begin + tile * BLOCK_N, col], bar, k_smem.index(stage))
+        _tma_load(v_desc, [k_begin + tile * BLOCK_N, col], bar, v_smem.index(stage))
+
+    @gluon.jit
+    def _wait_kv(v_smem, bars, tile, k_len, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                 num_warps: gl.constexpr):
+        """Wait for a tile's K and V; in the row's last, partial tile zero the V rows past the
+        row's end (they belong to the next row)."""
+        stage = tile % STAGES
+        mbarrier.wait(bars.index(stage), (tile // STAGES) & 1)
+        if (tile + 1) * BLOCK_N > k_len:
+            layout: gl.constexpr = _store_layout(HEAD_D, num_warps)
+            v_tile = v_smem.index(stage)
+            keys = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+            values = v_tile.load(layout)
+            v_tile.store(gl.where(gl.expand_dims(keys < k_len, 1), values, gl.zeros_like(values)))
+            fence_async_shared()  # the generic-proxy writes before the wgmma's async-proxy read
+            _cta_barrier()
+
+    @gluon.jit
+    def _mask_tile(s, tile, queries, k_len, q_len, s_layout: gl.constexpr, CAUSAL: gl.constexpr,
+                   BLOCK_N: gl.constexpr):
+        keys = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        ok = gl.expand_dims(keys < k_len, 0)
+        if CAUSAL:  # query i sees key j <= i + (L_k - L_q)
+            ok = ok & (gl.expand_dims(keys, 0) <= gl.expand_dims(queries + (k_len - q_len), 1))
+        return gl.where(ok, s, float("-inf"))
+
+    @gluon.jit
+    def _softmax_tile(qk, m_i, l_i, tile, queries, q_start, k_len, q_len, qk_scale, s_layout: gl.constexpr,
+                      CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The online softmax's step on a tile of raw q.k products: the weights, the factor that
+        rescales the accumulator, and the new running max and sum (base 2; the scale applied in
+        the exponent's fused multiply-add, as the Triton kernel's SCALE_IN_EXP)."""
+        masked = (tile + 1) * BLOCK_N > k_len
+        if CAUSAL:
+            masked = masked | ((tile + 1) * BLOCK_N - 1 > q_start + (k_len - q_len))
+        if masked:  # a uniform branch: most tiles of a row need no mask
+            qk = _mask_tile(qk, tile, queries, k_len, q_len, s_layout, CAUSAL, BLOCK_N)
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        # A query with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        w = gl.exp2(qk * qk_scale - gl.expand_dims(m_safe, 1))
+        alpha = gl.exp2(m_i - m_safe)
+        return w, alpha, m_new, l_i * alpha + gl.sum(w, 1)
+
+    @fast_launch
+    @gluon.jit
+    def _attention_forward_hopper_kernel(
+        q_desc, k_desc, v_desc, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale,
+        stride_ot, stride_oh, stride_lh,
+        CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        head = gl.program_id(1)
+        row, q_begin, q_len, block = _slot_row(q_offsets_ptr, gl.program_id(0), batch_size, BLOCK_M, SCAN, num_warps)
+        if block * BLOCK_M >= q_len:  # a spare slot
+            return
+        k_begin = gl.load(k_offsets_ptr + row).to(gl.int32)
+        k_len = gl.load(k_offsets_ptr + row + 1).to(gl.int32) - k_begin
+        q_start = block * BLOCK_M
+        end_n = k_len
+        if CAUSAL:
+            end_n = gl.minimum(k_len, gl.maximum(gl.minimum(q_start + BLOCK_M, q_len) + (k_len - q_len), 0))
+        n_tiles = gl.cdiv(end_n, BLOCK_N)
+        col = head * HEAD_D
+
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        mbarrier.init(q_bar, count=1)
+
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [q_begin + q_start, col], q_bar, q_smem)
+        # The overlapped loop frees tile j-1's stage in iteration j and then loads tile
+        # j-1+STAGES, so every stage starts full; the plain loop loads tile j+STAGES-1 first.
+        PRELOAD: gl.constexpr = STAGES if OVERLAP else STAGES - 1
+        for i in gl.static_range(PRELOAD):
+            if i < n_tiles:
+                _load_kv(k_desc, v_desc, k_smem, v_smem, bars, i, k_begin, col, BLOCK_N, STAGES)
+
+        queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+        qk_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar, 0)
+
+        if OVERLAP:
+            # FA3's in-warpgroup pipelining: tile j's q k^T and tile j-1's P V run on the tensor
+            # cores while this warpgroup's softmax works on tile j.
+            if n_tiles > 0:
+                _wait_kv(v_smem, bars, 0, k_len, BLOCK_N, HEAD_D, STAGES, num_warps)
+                qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), qk_zero, use_acc=False, is_async=True)
+                qk = warpgroup_mma_wait(0, deps=(qk, ))
+                w, alpha, m_i, l_i = _softmax_tile(qk, m_i, l_i, 0, queries, q_start, k_len, q_len, qk_scale,
+                                                   s_layout, CAUSAL, BLOCK_N)
+                p = gl.convert_layout(w.to(q_desc.dtype), p_layout)
+                for j in range(1, n_tiles):
+                    _wait_kv(v_smem, bars, j, k_len, BLOCK_N, HEAD_D, STAGES, num_warps)
+                    qk = warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)), qk_zero, use_acc=False,
+                                       is_async=True)
+                    acc = warpgroup_mma(p, v_smem.index((j - 1) % STAGES), acc, is_async=True)
+                    qk = warpgroup_mma_wait(1, deps=(qk, ))
+                    w, alpha, m_i, l_i = _softmax_tile(qk, m_i, l_i, j, queries, q_start, k_len, q_len, qk_scale,
+                                                       s_layout, CAUSAL, BLOCK_N)
+                    p = gl.convert_layout(w.to(q_desc.dtype), p_layout)
+                    acc = warpgroup_mma_wait(0, deps=(acc, ))
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                    if j - 1 + STAGES < n_tiles:
+                        _load_kv(k_desc, v_desc, k_smem, v_smem, bars, j - 1 + STAGES, k_begin, col, BLOCK_N, STAGES)
+                acc = warpgroup_mma(p, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+        else:
+            for j in range(n_tiles):
+                if j + STAGES - 1 < n_tiles:
+                    _load_kv(k_desc, v_desc, k_smem, v_smem, bars, j + STAGES - 1, k_begin, col, BLOCK_N, STAGES)
+                _wait_kv(v_smem, bars, j, k_len, BLOCK_N, HEAD_D, STAGES, num_warps)
+                qk = warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)), qk_zero, use_acc=False,
+                                   is_async=True)
+                qk = warpgroup_mma_wait(0, deps=(qk, ))
+                w, alpha, m_i, l_i = _softmax_tile(qk, m_i, l_i, j, queries, q_start, k_len, q_len, qk_scale,
+                                                   s_layout, CAUSAL, BLOCK_N)
+                p = gl.convert_layout(w.to(q_desc.dtype), p_layout)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                acc = warpgroup_mma(p, v_smem.index(j % STAGES), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        mbarrier.invalidate(q_bar)
+
+        seen = l_i > 0
+        # +inf for a query that saw nothing: the backward's exp2(s - lse) is then exactly 0.
+        lse = gl.where(seen, m_i + gl.log2(gl.where(seen, l_i, 1.0)), float("inf"))
+        gl.store(lse_ptr + head * stride_lh + q_begin + queries, lse, mask=queries < q_len)
+        inverse = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))
+        out_layout: gl.constexpr = _store_layout(HEAD_D, num_warps)
+        out = gl.convert_layout((acc * gl.expand_dims(inverse, 1)).to(q_desc.dtype), out_layout)
+        rows = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, out_layout))
+        offs = gl.expand_dims((q_begin + rows) * stride_ot + head * stride_oh, 1) + gl.expand_dims(cols, 0)
+        gl.store(o_ptr + offs, out, mask=gl.expand_dims(rows < q_len, 1))
+
+
+def _tiles(head_dim: int, max_len: Optional[int]) -> dict:
+    """Tiles by head dim and longest row (H100, graph replay, benchmarks/NOTES.md session 20):
+    32-key tiles and no overlap win at D <= 64 (the kernel's range) and up to max_L=512 at D=128 (D=64
+    max_L=256 uniform 40.7 us vs 44.6 with 64-key tiles overlapped); at D=128 on longer rows the
+    64-key tiles overlapped win (B=64 max_L=1024: 77 vs 86 us)."""
+    if head_dim == 128 and (max_len is None or max_len > 512):
+        return dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, OVERLAP=True, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=32, STAGES=3, OVERLAP=False, num_warps=4)
+
+
+_SM90: dict = {}
+
+
+def _is_sm90(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM90:
+        _SM90[index] = torch.cuda.get_device_capability(index)[0] == 9
+    return _SM90[index]
+
+
+def _tma_ready(x: torch.Tensor) -> bool:
+    """[T, H, D] that TMA can read as a [T, H * D] matrix: heads adjacent, 16-byte aligned rows."""
+    heads, dim = x.shape[1], x.shape[2]
+    return (x.stride(2) == 1 and (x.stride(1) == dim or heads == 1) and x.stride(0) * x.element_size() % 16 == 0
+            and x.data_ptr() % 16 == 0 and x.stride(0) >= heads * dim)
+
+
+def hopper_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
+                             scale: float, max_len: Optional[int], plain_softmax: bool) -> bool:
+    """Whether the attention forward of these (validated) inputs runs on the Gluon kernel: an
+    sm_90 GPU, plain softmax with a positive scale, 16-bit q/k/v of one head dim in 32/64/128,
+    at most 511 rows (the kernel's row scan), every element offset in int32, and the shapes it
+    was measured faster on (D <= 64: max_len known and at most 512, as the Triton kernel is as fast
+    on longer rows; max_len <= 128 at D=32 keeps the Triton kernel's 32 x 16 tiles)."""
+    if gluon is None or not ENABLED or TRITON_INTERPRETER or not plain_softmax or not scale > 0:
+        return False
+    if not q.is_cuda or not _is_sm90(q.device):
+        return False
+    head_dim = q.shape[2]
+    if (q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype or head_dim not in _HEAD_DIMS
+            or k.shape[2] != head_dim or v.shape[2] != head_dim):
+        return False
+    if head_dim <= 64 and (max_len is None or max_len > 512 or (head_dim <= 32 and max_len <= 128)):
+        return False
+    batch_size = q_offsets.numel() - 1
+    total = max(q.shape[0], k.shape[0])
+    if scan_width(batch_size, 4, total) == 0 or (total + 256) * q.shape[1] * head_dim >= 2 ** 31:
+        return False
+    if q.shape[0] == 0 or k.shape[0] == 0 or q.shape[1] == 0:
+        return False
+    return all(_tma_ready(x) for x in (q, k, v))
+
+
+_LAYOUTS: dict = {}
+
+
+def _descriptor(x: torch.Tensor, block: list) -> "TensorDescriptor":
+    key = (x.dtype, *block)
+    layout = _LAYOUTS.get(key)
+    if layout is None:  # computed once: it is a host cost of every call otherwise
+        element = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+        layout = _LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for(block, element)
+    heads, dim = x.shape[1], x.shape[2]
+    return TensorDescriptor(x, [x.shape[0], heads * dim], [x.stride(0), 1], block, layout)
+
+
+def attention_forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
+                             k_offsets: torch.Tensor, causal: bool, scale: float, max_len: Optional[int],
+                             out: torch.Tensor, lse: torch.Tensor) -> bool:
+    """Fill ``out`` [T_q, H, D] and ``lse`` [H, T_q] (base 2) for inputs that
+    hopper_forward_supported accepted. Returns False, having written nothing, if this Triton
+    cannot compile the kernel (warned once per configuration); the caller then runs the Triton
+    kernel."""
+    total_q, heads, head_dim = q.shape
+    batch_size = q_offsets.numel() - 1
+    tiles = _tiles(head_dim, max_len)
+    key = (head_dim, causal, q.dtype, tuple(sorted(tiles.items())))
+    if key in _FAILED:
+        return False
+    scan = max(next_power_of_2(batch_size + 1), 32 * tiles["num_warps"])
+    grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
+    try:
+        _attention_forward_hopper_kernel[grid](
+            _descriptor(q, [tiles["BLOCK_M"], head_dim]), _descriptor(k, [tiles["BLOCK_N"], head_dim]),
+            _descriptor(v, [tiles["BLOCK_N"], head_dim]), out, lse, q_offsets, k_offsets, batch_size,
+            scale * 1.4426950408889634, out.stride(0), out.stride(1), lse.stride(0),
+            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, **tiles)
+    except (CompilationError, AttributeError, TypeError, ValueError) as error:
+        # Gluon's API moves between releases: keep the library working on the Triton kernel.
+        _FAILED.add(key)
+        warnings.warn(f"jagged: the Hopper attention kernel did not compile with Triton {triton.__version__} "
+                      f"({type(error).__name__}: {str(error)[:200]}); using the Triton kernel", RuntimeWarning,
+                      stacklevel=3)
+        return False
+    return True

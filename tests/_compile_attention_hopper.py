@@ -1,0 +1,41 @@
+"""Compile the Gluon (Hopper) attention forward for an H100 (sm_90) without running it; run by
+tests/test_kernel_compile.py in a process without the interpreter. Prints one line per variant."""
+
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
+
+from jagged.ops import attention_hopper
+
+
+def main():
+    kernel = attention_hopper._attention_forward_hopper_kernel
+    kernel = getattr(kernel, "kernel", kernel)  # ops/_launch.py: FastLaunch
+    for head_dim in (32, 64, 128):
+        for max_len in (256, 2048):
+            tiles = attention_hopper._tiles(head_dim, max_len)
+            for dtype in (torch.bfloat16, torch.float16):
+                for causal in (False, True):
+                    x = torch.empty(1024, 2, head_dim, dtype=dtype)
+                    q_desc = attention_hopper._descriptor(x, [tiles["BLOCK_M"], head_dim])
+                    kv_desc = attention_hopper._descriptor(x, [tiles["BLOCK_N"], head_dim])
+                    constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, **tiles)
+                    signature = dict(q_desc=mangle_type(q_desc), k_desc=mangle_type(kv_desc),
+                                     v_desc=mangle_type(kv_desc), o_ptr="*bf16" if dtype == torch.bfloat16 else "*fp16",
+                                     lse_ptr="*fp32", q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",
+                                     qk_scale="fp32", stride_ot="i32", stride_oh="i32", stride_lh="i32")
+                    signature.update({name: "constexpr" for name in constexprs})
+                    assert set(signature) == set(kernel.arg_names), (list(signature), kernel.arg_names)
+                    signature = {name: signature[name] for name in kernel.arg_names}
+                    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=constexprs),
+                                              target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles["num_warps"]})
+                    assert "wgmma.mma_async" in compiled.asm["ptx"] and "cp.async.bulk.tensor" in compiled.asm["ptx"]
+                    print("compiled", head_dim, max_len, dtype, causal, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The Gluon attention forward for Hopper (ops/attention_hopper.py): taken where it should be,
+equal to the Triton kernel and the float64 reference (output, log-sum-exp, gradients through the
+Triton backward), rows isolated from each other's non-finite values, capturable in a CUDA graph.
+The interpreter cannot run Gluon: these run on an sm_90 GPU only (tests/test_kernel_compile.py
+compiles the kernel on the CPU)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jagged
+from jagged import reference
+from jagged.ops import attention, attention_hopper
+from helpers import ON_GPU, assert_close, make_offsets, random_values
+
+SM90 = ON_GPU and torch.cuda.get_device_capability()[0] == 9
+gpu_only = pytest.mark.skipif(not SM90, reason="Gluon's Hopper kernel needs an sm_90 GPU")
+
+
+@pytest.fixture
+def hopper_calls(monkeypatch):
+    """The number of forward calls the Gluon kernel served."""
+    calls = []
+    launch = attention_hopper.attention_forward_hopper
+
+    def counted(*args, **kwargs):
+        served = launch(*args, **kwargs)
+        calls.append(served)
+        return served
+
+    monkeypatch.setattr(attention_hopper, "attention_forward_hopper", counted)
+    return calls
+
+
+def _forward(q, k, v, q_offsets, k_offsets, causal, max_len, hopper, monkeypatch):
+    monkeypatch.setattr(attention_hopper, "ENABLED", hopper)
+    scale = 1 / math.sqrt(q.shape[2])
+    return attention._attention_forward(q, k, v, q_offsets, k_offsets, causal, scale, max_len)
+
+
+def check_hopper(q_lengths, k_lengths, heads, head_dim, dtype, causal, max_len, monkeypatch, hopper_calls,
+                 self_attention=False):
+    """Forward on both kernels (the Gluon one must serve it), against each other and the float64
+    reference; then the gradients through the public call against the reference."""
+    q_offsets = make_offsets(q_lengths)
+    k_offsets = q_offsets if self_attention else make_offsets(k_lengths)
+    q = random_values((sum(q_lengths), heads, head_dim), dtype, requires_grad=True)
+    k = random_values((sum(k_lengths), heads, head_dim), dtype, requires_grad=True)
+    v = random_values((sum(k_lengths), heads, head_dim), dtype, requires_grad=True)
+    with torch.no_grad():
+        out, lse = _forward(q, k, v, q_offsets, k_offsets, causal, max_len, True, monkeypatch)
+        assert hopper_calls == [True], "the Gluon kernel did not serve a call it supports"
+        out_triton, lse_triton = _forward(q, k, v, q_offsets, k_offsets, causal, max_len, False, monkeypatch)
+        assert len(hopper_calls) == 1
+    ref = reference.jagged_attention(q.double(), k.double(), v.double(), q_offsets, k_offsets, causal=causal,
+                                     compute_dtype=torch.float64)
+    assert_close(out, ref, tol=dtype)
+    assert_close(out, out_triton, tol=dtype, name="output vs the Triton kernel")
+    finite = torch.isfinite(lse_triton)
+    assert torch.equal(finite, torch.isfinite(lse)), "queries that see no key differ"
+    assert_close(lse[finite], lse_triton[finite], tol=torch.float32, name="log-sum-exp")
+    monkeypatch.setattr(attention_hopper, "ENABLED", True)
+    out = jagged.jagged_flash_attention_values(q, k, v, q_offsets, k_offsets, causal=causal, max_len=max_len)
+    grad = random_values(out.shape, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for name, g, gr in zip("qkv", grads, grads_ref):
+        assert_close(g, gr, tol=dtype, name=f"grad {name}")
+    assert hopper_calls == [True, True]
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+# Long rows take the Gluon kernel at D=128 only (64-key tiles, the softmax overlapped).
+@pytest.mark.parametrize("head_dim, max_len", [(32, 200), (32, 500), (64, 200), (64, 500), (128, 200), (128, 1000)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_self_attention(dtype, head_dim, max_len, causal, monkeypatch, hopper_calls):
+    # Rows of one token, exactly one and several 32/64-key tiles, a partial last tile, the longest.
+    lengths = torch.randint(1, max_len + 1, (12,)).tolist() + [1, 32, 64, 65, max_len, 0]
+    check_hopper(lengths, lengths, 2, head_dim, dtype, causal, max_len, monkeypatch, hopper_calls,
+                 self_attention=True)
+
+
+@gpu_only
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cross_attention(causal, head_dim, monkeypatch, hopper_calls):
+    # Empty key rows, L_q > L_k (causal: the first queries see nothing), L_k - L_q off a block edge.
+    q_lengths = [3, 20, 0, 1, 70, 33, 100]
+    k_lengths = [17, 0, 5, 40, 7, 34, 131]
+    check_hopper(q_lengths, k_lengths, 3, head_dim, torch.bfloat16, causal, 131, monkeypatch, hopper_calls)
+
+
+@gpu_only
+@given(lengths=st.lists(st.integers(0, 300), min_size=1, max_size=40), heads=st.integers(1, 3),
+       head_dim=st.sampled_from([32, 64, 128]), causal=st.booleans(), data=st.data())
+def test_property(lengths, heads, head_dim, causal, data):
+    if not any(lengths) or (head_dim == 32 and max(lengths) <= 128):
+        lengths = lengths + [129]  # a call the Gluon kernel takes
+    skew = data.draw(st.booleans())
+    if skew:  # one long row among short ones
+        lengths[data.draw(st.integers(0, len(lengths) - 1))] = 900 if head_dim == 128 else 500
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = []
+        launch = attention_hopper.attention_forward_hopper
+        monkeypatch.setattr(attention_hopper, "attention_forward_hopper",
+                            lambda *a, **kw: calls.append(launch(*a, **kw)) or calls[-1])
+        check_hopper(lengths, lengths, heads, head_dim, torch.bfloat16, causal, max(lengths), monkeypatch, calls,
+                     self_attention=True)
+
+
+@gpu_only
+def test_strided_qkv_from_fused_projection(monkeypatch, hopper_calls):
+    """q, k, v as views of one [T, 3, H, D] tensor: TMA reads rows 3 * H * D apart."""
+    lengths = [60, 0, 130, 7]
+    offsets = make_offsets(lengths)
+    qkv = random_values((sum(lengths), 3, 2, 64), torch.bfloat16)
+    q, k, v = qkv.unbind(1)
+    out = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=True, max_len=130)
+    assert hopper_calls == [True]
+    ref = reference.jagged_attention(q.double(), k.double(), v.double(), offsets, offsets, causal=True,
+                                     compute_dtype=torch.float64)
+    assert_close(out, ref, tol=torch.bfloat16)
+
+
+@gpu_only
+@pytest.mark.parametrize("tensor", ["q", "k", "v"])
+def test_rows_isolated_from_non_finite_neighbours(tensor, monkeypatch, hopper_calls):
+    """TMA loads a row's last tile whole, rows of the next row included: inf and NaN there must
+    not reach this row's outputs (masked scores; zeroed V rows, as 0 * inf is NaN)."""
+    lengths = [40, 50, 3]  # row 0's last 32-key tile reaches 24 tokens into row 1
+    offsets = make_offsets(lengths)
+    q, k, v = (random_values((sum(lengths), 2, 64), torch.bfloat16) for _ in range(3))
+    clean = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=50)
+    poisoned = dict(q=q.clone(), k=k.clone(), v=v.clone())
+    poisoned[tensor][40:45] = float("inf")
+    poisoned[tensor][45:50] = float("nan")
+    out = jagged.jagged_flash_attention_values(poisoned["q"], poisoned["k"], poisoned["v"], offsets, offsets,
+                                               max_len=50)
+    assert hopper_calls == [True, True]
+    assert torch.equal(out[:40], clean[:40]) and torch.equal(out[90:], clean[90:])
+
+
+@gpu_only
+def test_cuda_graph_capture(monkeypatch, hopper_calls):
+    lengths = torch.randint(1, 257, (64,)).tolist()
+    offsets = make_offsets(lengths)
+    q, k, v = (random_values((sum(lengths), 4, 64), torch.bfloat16) for _ in range(3))
+    def attend():  # without validation: checking the offsets' values synchronises
+        return jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=256, validate=False)
+
+    expected = attend()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attend()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attend()
+    q.copy_(random_values(q.shape, q.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(hopper_calls) and len(hopper_calls) == 3
+    assert not torch.equal(out, expected), "the replay did not recompute"
+    assert torch.equal(out, attend())
+
+
+@gpu_only
+def test_unsupported_calls_keep_the_triton_kernel(monkeypatch, hopper_calls):
+    lengths = [30, 200]
+    offsets = make_offsets(lengths)
+    q, k, v = (random_values((230, 2, 64), torch.bfloat16) for _ in range(3))
+    # max_len unknown at D=64 (a validated call would learn it from the offsets)
+    jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, validate=False)
+    jagged.jagged_flash_attention_values(q.float(), k.float(), v.float(), offsets, offsets, max_len=200)
+    jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=200, scale=-0.1)
+    monkeypatch.setattr(attention_hopper, "ENABLED", False)
+    jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=200)
+    assert hopper_calls == []
+
+
+def test_not_taken_without_an_sm90_gpu():
+    lengths = [5, 9]
+    offsets = make_offsets(lengths)
+    q = random_values((14, 2, 64), torch.bfloat16 if ON_GPU else torch.float32)
+    expected = SM90 and q.dtype == torch.bfloat16
+    assert attention_hopper.hopper_forward_supported(q, q, q, offsets, 0.1, 9, True) == expected
+    assert not attention_hopper.hopper_forward_supported(q, q, q, offsets, 0.1, 9, False)
