@@ -188,5 +188,6 @@ def test_not_taken_without_an_sm90_gpu():
     offsets = make_offsets(lengths)
     q = random_values((14, 2, 64), torch.bfloat16 if ON_GPU else torch.float32)
     expected = SM90 and q.dtype == torch.bfloat16
-    assert attention_hopper.hopper_forward_supported(q, q, q, offsets, 0.1, 9, True) == expected
-    assert not attention_hopper.hopper_forward_supported(q, q, q, offsets, 0.1, 9, False)
+    assert attention_hopper.hopper_forward_supported(q, q, q, offsets, 0.1, 9, True, True) == expected
+    assert not attention_hopper.hopper_forward_supported(q, q, q, offsets, 0.1, 9, False, True)
+    assert not attention_hopper.hopper_forward_supported(q, q, q, offsets, 0.1, 9, True, False)

@@ -649,7 +649,8 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
     if total_q == 0 or heads == 0:
         return out, lse
     plain = activation == 0 and bias is None and dropout_p == 0 and not _hstu_mask(num_targets, contextual_len, window)
-    if (attention_hopper.hopper_forward_supported(q, k, v, q_offsets, scale, max_len, plain)
+    if (attention_hopper.hopper_forward_supported(q, k, v, q_offsets, scale, max_len, plain,
+                                                  plain and _int32_offsets((out,), (lse,)))
             and attention_hopper.attention_forward_hopper(q, k, v, q_offsets, k_offsets, causal, scale, max_len, out,
                                                           lse)):
         return out, lse

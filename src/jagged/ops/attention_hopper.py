@@ -269,10 +269,10 @@ def _tma_ready(x: torch.Tensor) -> bool:
 
 
 def hopper_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
-                             scale: float, max_len: Optional[int], plain_softmax: bool) -> bool:
+                             scale: float, max_len: Optional[int], plain_softmax: bool, int32_offsets: bool) -> bool:
     """Whether the attention forward of these (validated) inputs runs on the Gluon kernel: an
     sm_90 GPU, plain softmax with a positive scale, 16-bit q/k/v of one head dim in 32/64/128,
-    at most 511 rows (the kernel's row scan), every element offset in int32, and the shapes it
+    at most 511 rows (the kernel's row scan), at least one key, and the shapes it
     was measured faster on (D <= 64: max_len known and at most 512, as the Triton kernel is as fast
     on longer rows; max_len <= 128 at D=32 keeps the Triton kernel's 32 x 16 tiles)."""
     if gluon is None or not ENABLED or TRITON_INTERPRETER or not plain_softmax or not scale > 0:
@@ -285,11 +285,11 @@ def hopper_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return False
     if head_dim <= 64 and (max_len is None or max_len > 512 or (head_dim <= 32 and max_len <= 128)):
         return False
-    batch_size = q_offsets.numel() - 1
-    total = max(q.shape[0], k.shape[0])
-    if scan_width(batch_size, 4, total) == 0 or (total + 256) * q.shape[1] * head_dim >= 2 ** 31:
+    # int32_offsets: the output's and lse's element offsets fit int32 (ops/attention.py:
+    # _int32_offsets), as the kernel forms them in int32. A TMA descriptor needs a key.
+    if not int32_offsets or k.shape[0] == 0:
         return False
-    if q.shape[0] == 0 or k.shape[0] == 0 or q.shape[1] == 0:
+    if scan_width(q_offsets.numel() - 1, 4, max(q.shape[0], k.shape[0])) == 0:
         return False
     return all(_tma_ready(x) for x in (q, k, v))
 
