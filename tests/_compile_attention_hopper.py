@@ -1,5 +1,6 @@
-"""Compile the Gluon (Hopper) attention forward for an H100 (sm_90) without running it; run by
-tests/test_kernel_compile.py in a process without the interpreter. Prints one line per variant."""
+"""Compile the Gluon (Hopper) attention forward and backward for an H100 (sm_90) without running
+them; run by tests/test_kernel_compile.py in a process without the interpreter. Prints one line
+per variant."""
 
 import sys
 
@@ -9,7 +10,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 
-from jagged.ops import attention_hopper
+from jagged.ops import attention_hopper, attention_hopper_backward
 
 
 def main():
@@ -37,5 +38,37 @@ def main():
                     print("compiled", head_dim, max_len, dtype, causal, flush=True)
 
 
+def _pointer(dtype):
+    return "*bf16" if dtype == torch.bfloat16 else "*fp16"
+
+
+def backward():
+    kernel = attention_hopper_backward._attention_backward_hopper_kernel
+    kernel = getattr(kernel, "kernel", kernel)  # ops/_launch.py: FastLaunch
+    for head_dim in (32, 64, 128):
+        tiles = attention_hopper_backward._tiles(head_dim)
+        for dtype in (torch.bfloat16, torch.float16):
+            for causal in (False, True):
+                x = torch.empty(1024, 2, head_dim, dtype=dtype)
+                signature = {}
+                for program, (rows_q, rows_k) in dict(kv=("KV_BLOCK_M", "KV_BLOCK_N"), dq=("Q_BLOCK_M", "Q_BLOCK_N")).items():
+                    for name, rows in dict(q=rows_q, k=rows_k, v=rows_k, do=rows_q).items():
+                        descriptor = attention_hopper._descriptor(x, [tiles[rows], head_dim])
+                        signature[f"{program}_{name}_desc"] = mangle_type(descriptor)
+                signature.update(lse_ptr="*fp32", delta_ptr="*fp32", dq_ptr=_pointer(dtype), dk_ptr=_pointer(dtype),
+                                 dv_ptr=_pointer(dtype), q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",
+                                 num_kv_slots="i32", qk_scale="fp32", scale="fp32")
+                signature.update({name: "i32" for name in kernel.arg_names if name.startswith("stride")})
+                constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, **tiles)
+                signature.update({name: "constexpr" for name in constexprs})
+                assert set(signature) == set(kernel.arg_names), (list(signature), kernel.arg_names)
+                signature = {name: signature[name] for name in kernel.arg_names}
+                compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=constexprs),
+                                          target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles["num_warps"]})
+                assert "wgmma.mma_async" in compiled.asm["ptx"] and "cp.async.bulk.tensor" in compiled.asm["ptx"]
+                print("compiled backward", head_dim, dtype, causal, flush=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    backward()

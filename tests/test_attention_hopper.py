@@ -1,8 +1,8 @@
-"""The Gluon attention forward for Hopper (ops/attention_hopper.py): taken where it should be,
-equal to the Triton kernel and the float64 reference (output, log-sum-exp, gradients through the
-Triton backward), rows isolated from each other's non-finite values, capturable in a CUDA graph.
-The interpreter cannot run Gluon: these run on an sm_90 GPU only (tests/test_kernel_compile.py
-compiles the kernel on the CPU)."""
+"""The Gluon attention forward and backward for Hopper (ops/attention_hopper.py,
+ops/attention_hopper_backward.py): taken where they should be, equal to the Triton kernels and the
+float64 reference (output, log-sum-exp, gradients), rows isolated from each other's non-finite
+values, capturable in a CUDA graph. The interpreter cannot run Gluon: these run on an sm_90 GPU
+only (tests/test_kernel_compile.py compiles the kernels on the CPU)."""
 
 import math
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import jagged
 from jagged import reference
-from jagged.ops import attention, attention_hopper
+from jagged.ops import attention, attention_hopper, attention_hopper_backward
 from helpers import ON_GPU, assert_close, make_offsets, random_values
 
 SM90 = ON_GPU and torch.cuda.get_device_capability()[0] == 9
@@ -35,6 +35,21 @@ def hopper_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def backward_calls(monkeypatch):
+    """The number of backward calls the Gluon kernel served."""
+    calls = []
+    launch = attention_hopper_backward.attention_backward_hopper
+
+    def counted(*args, **kwargs):
+        served = launch(*args, **kwargs)
+        calls.append(served)
+        return served
+
+    monkeypatch.setattr(attention_hopper_backward, "attention_backward_hopper", counted)
+    return calls
+
+
 def _forward(q, k, v, q_offsets, k_offsets, causal, max_len, hopper, monkeypatch):
     monkeypatch.setattr(attention_hopper, "ENABLED", hopper)
     scale = 1 / math.sqrt(q.shape[2])
@@ -42,9 +57,10 @@ def _forward(q, k, v, q_offsets, k_offsets, causal, max_len, hopper, monkeypatch
 
 
 def check_hopper(q_lengths, k_lengths, heads, head_dim, dtype, causal, max_len, monkeypatch, hopper_calls,
-                 self_attention=False):
+                 backward_calls, self_attention=False):
     """Forward on both kernels (the Gluon one must serve it), against each other and the float64
-    reference; then the gradients through the public call against the reference."""
+    reference; then the gradients through the public call (the Gluon backward must serve it)
+    against the reference and the Triton backward's."""
     q_offsets = make_offsets(q_lengths)
     k_offsets = q_offsets if self_attention else make_offsets(k_lengths)
     q = random_values((sum(q_lengths), heads, head_dim), dtype, requires_grad=True)
@@ -66,10 +82,16 @@ def check_hopper(q_lengths, k_lengths, heads, head_dim, dtype, causal, max_len, 
     out = jagged.jagged_flash_attention_values(q, k, v, q_offsets, k_offsets, causal=causal, max_len=max_len)
     grad = random_values(out.shape, dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert backward_calls == [True], "the Gluon backward did not serve a call it supports"
     grads_ref = torch.autograd.grad(ref, (q, k, v), grad.double())
-    for name, g, gr in zip("qkv", grads, grads_ref):
+    monkeypatch.setattr(attention_hopper_backward, "ENABLED", False)
+    out = jagged.jagged_flash_attention_values(q, k, v, q_offsets, k_offsets, causal=causal, max_len=max_len)
+    grads_triton = torch.autograd.grad(out, (q, k, v), grad)
+    assert len(backward_calls) == 1
+    for name, g, gr, gt in zip("qkv", grads, grads_ref, grads_triton):
         assert_close(g, gr, tol=dtype, name=f"grad {name}")
-    assert hopper_calls == [True, True]
+        assert_close(g, gt, tol=dtype, name=f"grad {name} vs the Triton backward")
+    assert hopper_calls == [True, True, True]
 
 
 @gpu_only
@@ -77,21 +99,22 @@ def check_hopper(q_lengths, k_lengths, heads, head_dim, dtype, causal, max_len, 
 # Long rows take the Gluon kernel at D=128 only (64-key tiles, the softmax overlapped).
 @pytest.mark.parametrize("head_dim, max_len", [(32, 200), (32, 500), (64, 200), (64, 500), (128, 200), (128, 1000)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_self_attention(dtype, head_dim, max_len, causal, monkeypatch, hopper_calls):
+def test_self_attention(dtype, head_dim, max_len, causal, monkeypatch, hopper_calls, backward_calls):
     # Rows of one token, exactly one and several 32/64-key tiles, a partial last tile, the longest.
     lengths = torch.randint(1, max_len + 1, (12,)).tolist() + [1, 32, 64, 65, max_len, 0]
-    check_hopper(lengths, lengths, 2, head_dim, dtype, causal, max_len, monkeypatch, hopper_calls,
+    check_hopper(lengths, lengths, 2, head_dim, dtype, causal, max_len, monkeypatch, hopper_calls, backward_calls,
                  self_attention=True)
 
 
 @gpu_only
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_cross_attention(causal, head_dim, monkeypatch, hopper_calls):
+def test_cross_attention(causal, head_dim, monkeypatch, hopper_calls, backward_calls):
     # Empty key rows, L_q > L_k (causal: the first queries see nothing), L_k - L_q off a block edge.
     q_lengths = [3, 20, 0, 1, 70, 33, 100]
     k_lengths = [17, 0, 5, 40, 7, 34, 131]
-    check_hopper(q_lengths, k_lengths, 3, head_dim, torch.bfloat16, causal, 131, monkeypatch, hopper_calls)
+    check_hopper(q_lengths, k_lengths, 3, head_dim, torch.bfloat16, causal, 131, monkeypatch, hopper_calls,
+                 backward_calls)
 
 
 @gpu_only
@@ -104,26 +127,34 @@ def test_property(lengths, heads, head_dim, causal, data):
     if skew:  # one long row among short ones
         lengths[data.draw(st.integers(0, len(lengths) - 1))] = 900 if head_dim == 128 else 500
     with pytest.MonkeyPatch.context() as monkeypatch:
-        calls = []
+        calls, backward_calls = [], []
         launch = attention_hopper.attention_forward_hopper
         monkeypatch.setattr(attention_hopper, "attention_forward_hopper",
                             lambda *a, **kw: calls.append(launch(*a, **kw)) or calls[-1])
+        launch_backward = attention_hopper_backward.attention_backward_hopper
+        monkeypatch.setattr(attention_hopper_backward, "attention_backward_hopper",
+                            lambda *a, **kw: backward_calls.append(launch_backward(*a, **kw)) or backward_calls[-1])
         check_hopper(lengths, lengths, heads, head_dim, torch.bfloat16, causal, max(lengths), monkeypatch, calls,
-                     self_attention=True)
+                     backward_calls, self_attention=True)
 
 
 @gpu_only
-def test_strided_qkv_from_fused_projection(monkeypatch, hopper_calls):
+def test_strided_qkv_from_fused_projection(monkeypatch, hopper_calls, backward_calls):
     """q, k, v as views of one [T, 3, H, D] tensor: TMA reads rows 3 * H * D apart."""
     lengths = [60, 0, 130, 7]
     offsets = make_offsets(lengths)
-    qkv = random_values((sum(lengths), 3, 2, 64), torch.bfloat16)
+    qkv = random_values((sum(lengths), 3, 2, 64), torch.bfloat16, requires_grad=True)
     q, k, v = qkv.unbind(1)
     out = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, causal=True, max_len=130)
     assert hopper_calls == [True]
     ref = reference.jagged_attention(q.double(), k.double(), v.double(), offsets, offsets, causal=True,
                                      compute_dtype=torch.float64)
     assert_close(out, ref, tol=torch.bfloat16)
+    grad = random_values(out.shape, torch.bfloat16)
+    (grad_qkv,) = torch.autograd.grad(out, qkv, grad)
+    assert backward_calls == [True]
+    (grad_ref,) = torch.autograd.grad(ref, qkv, grad.double())
+    assert_close(grad_qkv, grad_ref, tol=torch.bfloat16, name="grad qkv")
 
 
 @gpu_only
@@ -142,6 +173,70 @@ def test_rows_isolated_from_non_finite_neighbours(tensor, monkeypatch, hopper_ca
                                                max_len=50)
     assert hopper_calls == [True, True]
     assert torch.equal(out[:40], clean[:40]) and torch.equal(out[90:], clean[90:])
+
+
+@gpu_only
+@pytest.mark.parametrize("tensor", ["q", "k", "v", "do"])
+def test_backward_rows_isolated_from_non_finite_neighbours(tensor, hopper_calls, backward_calls):
+    """The backward's TMA tiles reach into the next row too (row 0's last 32-query dK/dV tile and
+    its 64-key dQ tile): inf and NaN in row 1's q, k, v or output gradient must leave the other
+    rows' gradients bit for bit as they were."""
+    lengths = [40, 50, 3]
+    offsets = make_offsets(lengths)
+    clean = dict(q=random_values((sum(lengths), 2, 64), torch.bfloat16), k=random_values((93, 2, 64), torch.bfloat16),
+                 v=random_values((93, 2, 64), torch.bfloat16), do=random_values((93, 2, 64), torch.bfloat16))
+    poisoned = {name: x.clone() for name, x in clean.items()}
+    poisoned[tensor][40:45] = float("inf")
+    poisoned[tensor][45:50] = float("nan")
+    grads = []
+    for inputs in (clean, poisoned):
+        q, k, v = (inputs[name].clone().requires_grad_() for name in "qkv")
+        out = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=50)
+        grads.append(torch.autograd.grad(out, (q, k, v), inputs["do"]))
+    assert hopper_calls == [True, True] and backward_calls == [True, True]
+    for name, g_clean, g_poisoned in zip("qkv", *grads):
+        assert torch.equal(g_poisoned[:40], g_clean[:40]) and torch.equal(g_poisoned[90:], g_clean[90:]), name
+
+
+@gpu_only
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_cuda_graph_capture(causal, backward_calls):
+    lengths = torch.randint(1, 257, (64,)).tolist()
+    offsets = make_offsets(lengths)
+    q, k, v, do = (random_values((sum(lengths), 4, 64), torch.bfloat16) for _ in range(4))
+    scale = 0.125
+    out, lse = attention._attention_forward(q, k, v, offsets, offsets, causal, scale, 256)
+
+    def backward():
+        return attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, causal, scale, 256)[:3]
+
+    expected = backward()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = backward()
+    do.copy_(random_values(do.shape, do.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(backward_calls) and len(backward_calls) == 2
+    assert not torch.equal(grads[0], expected[0]), "the replay did not recompute"
+    for got, want in zip(grads, backward()):
+        assert torch.equal(got, want)
+
+
+@gpu_only
+def test_unsupported_backward_keeps_the_triton_kernel(monkeypatch, backward_calls):
+    lengths = [30, 100]
+    offsets = make_offsets(lengths)
+    for dims, max_len in (((130, 2, 32), 100), ((130, 2, 48), 100)):  # D=32 on rows <= 128; D=48
+        q, k, v = (random_values(dims, torch.bfloat16, requires_grad=True) for _ in range(3))
+        out = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=max_len)
+        out.sum().backward()
+    q, k, v = (random_values((130, 2, 64), torch.float32, requires_grad=True) for _ in range(3))
+    jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=100).sum().backward()
+    q, k, v = (x.detach().bfloat16().requires_grad_() for x in (q, k, v))
+    monkeypatch.setattr(attention_hopper_backward, "ENABLED", False)
+    jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=100).sum().backward()
+    assert backward_calls == []
 
 
 @gpu_only
@@ -191,3 +286,8 @@ def test_not_taken_without_an_sm90_gpu():
     assert attention_hopper.hopper_forward_supported(q, q, q, offsets, 0.1, 9, True, True) == expected
     assert not attention_hopper.hopper_forward_supported(q, q, q, offsets, 0.1, 9, False, True)
     assert not attention_hopper.hopper_forward_supported(q, q, q, offsets, 0.1, 9, True, False)
+    backward_supported = attention_hopper_backward.hopper_backward_supported
+    assert backward_supported(q, q, q, q, offsets, 0.1, 9, True, True) == expected
+    assert not backward_supported(q, q, q, q, offsets, 0.1, 9, False, True)
+    assert not backward_supported(q, q, q, q, offsets, 0.1, 9, True, False)
+    assert not backward_supported(q, q, q, q, offsets, -0.1, 9, True, True)

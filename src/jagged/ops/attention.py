@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from . import attention_hopper
+from . import attention_hopper, attention_hopper_backward
 from ._attention_scores import (accumulate_bias_grad, dropout_keep, finish_bias_grad, full_key_tiles_end,
                                 full_query_tiles_start, key_range, pointwise_activation, pointwise_activation_grad,
                                 query_range, relative_bias, visible)
@@ -713,6 +713,13 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
             out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
             BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
+        plain = bias is None and dropout_p == 0 and not hstu_mask
+        if (attention_hopper_backward.hopper_backward_supported(
+                q, k, v, do, q_offsets, scale, max_len, plain,
+                plain and _int32_offsets((q, k, v, do, dq, dk, dv), (lse, delta)))
+                and attention_hopper_backward.attention_backward_hopper(
+                    do, q, k, v, lse, delta, q_offsets, k_offsets, causal, scale, dq, dk, dv)):
+            return dq, dk, dv, bias_partial
     _attention_backward_kernel[(num_kv_slots + num_q_slots, heads)](
         q, k, v, do, lse, delta, dq, dk, dv, bias_partial, q_offsets, k_offsets,
         batch_size=batch_size, row_search=slot_search(batch_size, wide=False), num_kv_slots=num_kv_slots,

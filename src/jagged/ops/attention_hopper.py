@@ -81,6 +81,15 @@ if gluon is not None:
         return row, begin, end - begin, slot - (begin // BLOCK_M + row)
 
     @gluon.jit
+    def _zero_rows_past(tile, first, length, HEAD_D: gl.constexpr, num_warps: gl.constexpr):
+        """Zero the rows of a shared-memory tile [BLOCK, HEAD_D] that hold positions first + r at or
+        past ``length`` (TMA brought them in from the next row). The caller fences and syncs."""
+        layout: gl.constexpr = _store_layout(HEAD_D, num_warps)
+        rows = first + gl.arange(0, tile.shape[0], layout=gl.SliceLayout(1, layout))
+        values = tile.load(layout)
+        tile.store(gl.where(gl.expand_dims(rows < length, 1), values, gl.zeros_like(values)))
+
+    @gluon.jit
     def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, tile, k_begin, col, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr):
         stage = tile % STAGES
@@ -97,11 +106,7 @@ if gluon is not None:
         stage = tile % STAGES
         mbarrier.wait(bars.index(stage), (tile // STAGES) & 1)
         if (tile + 1) * BLOCK_N > k_len:
-            layout: gl.constexpr = _store_layout(HEAD_D, num_warps)
-            v_tile = v_smem.index(stage)
-            keys = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-            values = v_tile.load(layout)
-            v_tile.store(gl.where(gl.expand_dims(keys < k_len, 1), values, gl.zeros_like(values)))
+            _zero_rows_past(v_smem.index(stage), tile * BLOCK_N, k_len, HEAD_D, num_warps)
             fence_async_shared()  # the generic-proxy writes before the wgmma's async-proxy read
             _cta_barrier()
 
@@ -268,43 +273,65 @@ def _tma_ready(x: torch.Tensor) -> bool:
             and x.data_ptr() % 16 == 0 and x.stride(0) >= heads * dim)
 
 
-def hopper_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
-                             scale: float, max_len: Optional[int], plain_softmax: bool, int32_offsets: bool) -> bool:
-    """Whether the attention forward of these (validated) inputs runs on the Gluon kernel: an
-    sm_90 GPU, plain softmax with a positive scale, 16-bit q/k/v of one head dim in 32/64/128,
-    at most 511 rows (the kernel's row scan), at least one key, and the shapes it
-    was measured faster on (D <= 64: max_len known and at most 512, as the Triton kernel is as fast
-    on longer rows; max_len <= 128 at D=32 keeps the Triton kernel's 32 x 16 tiles)."""
-    if gluon is None or not ENABLED or TRITON_INTERPRETER or not plain_softmax or not scale > 0:
+def hopper_inputs_supported(tensors: tuple, q_offsets: torch.Tensor, scale: float, plain_softmax: bool,
+                            int32_offsets: bool, enabled: bool) -> bool:
+    """What both Hopper attention kernels (this forward, attention_hopper_backward) need of their
+    (validated) inputs: Gluon, an sm_90 GPU, plain softmax with a positive scale, ``tensors`` (q,
+    k, v first; [T, H, D]) 16-bit of one dtype and one head dim in 32/64/128 and TMA-readable, at
+    most 511 rows (the row scan), at least one key, and every element offset the kernels form in
+    int32 within range (``int32_offsets``: ops/attention.py's _int32_offsets)."""
+    if gluon is None or not enabled or TRITON_INTERPRETER or not plain_softmax or not scale > 0:
         return False
+    q, k = tensors[0], tensors[1]
     if not q.is_cuda or not _is_sm90(q.device):
         return False
     head_dim = q.shape[2]
-    if (q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype or head_dim not in _HEAD_DIMS
-            or k.shape[2] != head_dim or v.shape[2] != head_dim):
+    if q.dtype not in _DTYPES or head_dim not in _HEAD_DIMS:
         return False
-    if head_dim <= 64 and (max_len is None or max_len > 512 or (head_dim <= 32 and max_len <= 128)):
+    if any(x.dtype != q.dtype or x.shape[2] != head_dim for x in tensors):
         return False
-    # int32_offsets: the output's and lse's element offsets fit int32 (ops/attention.py:
-    # _int32_offsets), as the kernel forms them in int32. A TMA descriptor needs a key.
-    if not int32_offsets or k.shape[0] == 0:
+    if not int32_offsets or k.shape[0] == 0:  # a TMA descriptor needs a key
         return False
     if scan_width(q_offsets.numel() - 1, 4, max(q.shape[0], k.shape[0])) == 0:
         return False
-    return all(_tma_ready(x) for x in (q, k, v))
+    return all(_tma_ready(x) for x in tensors)
 
 
-_LAYOUTS: dict = {}
+def hopper_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
+                             scale: float, max_len: Optional[int], plain_softmax: bool, int32_offsets: bool) -> bool:
+    """Whether the attention forward of these (validated) inputs runs on the Gluon kernel: what
+    hopper_inputs_supported asks, and the shapes it was measured faster on (D <= 64: max_len
+    known and at most 512, as the Triton kernel is as fast on longer rows; max_len <= 128 at D=32
+    keeps the Triton kernel's 32 x 16 tiles)."""
+    head_dim = q.shape[2]
+    if head_dim <= 64 and (max_len is None or max_len > 512 or (head_dim <= 32 and max_len <= 128)):
+        return False
+    return hopper_inputs_supported((q, k, v), q_offsets, scale, plain_softmax, int32_offsets, ENABLED)
+
+
+_TEMPLATES: dict = {}
 
 
 def _descriptor(x: torch.Tensor, block: list) -> "TensorDescriptor":
+    """A TMA descriptor of [T, H, D] ``x`` as the matrix [T, H * D] with boxes ``block``. The first
+    one of a dtype and block is built (and validated) by TensorDescriptor; later ones copy it with
+    the new tensor, shape and strides, skipping the validation (about 3 us a descriptor on the
+    CPU machine, several a call): _tma_ready has checked what it checks, and every caller has
+    T > 0."""
     key = (x.dtype, *block)
-    layout = _LAYOUTS.get(key)
-    if layout is None:  # computed once: it is a host cost of every call otherwise
-        element = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-        layout = _LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for(block, element)
     heads, dim = x.shape[1], x.shape[2]
-    return TensorDescriptor(x, [x.shape[0], heads * dim], [x.stride(0), 1], block, layout)
+    shape, strides = [x.shape[0], heads * dim], [x.stride(0), 1]
+    template = _TEMPLATES.get(key)
+    if template is None:
+        element = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+        descriptor = TensorDescriptor(x, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, element))
+        template = _TEMPLATES[key] = object.__new__(TensorDescriptor)
+        template.__dict__.update(descriptor.__dict__, base=None)  # no reference kept to x
+        return descriptor
+    descriptor = object.__new__(TensorDescriptor)
+    descriptor.__dict__.update(template.__dict__)
+    descriptor.base, descriptor.shape, descriptor.strides = x, shape, strides
+    return descriptor
 
 
 def attention_forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,

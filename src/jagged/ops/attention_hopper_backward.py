@@ -1,0 +1,335 @@
+"""Jagged flash attention backward for Hopper (sm_90), written in Gluon: the kernel, its
+launcher, and the rule for when the library's attention backward takes it.
+
+It computes what ops/attention.py's Triton backward computes for plain softmax attention, with
+the same split of the work: one launch whose first programs each own one block of one row's
+keys (dK, dV: stream over the row's queries) and whose other programs each own one block of
+one row's queries (dQ: stream over the row's keys). Every gradient element is written by one
+program, without atomics: deterministic. delta = rowsum(dO * O) comes from the Triton delta
+kernel before it. As in the Hopper forward (ops/attention_hopper.py):
+
+- Q, dO, K and V tiles arrive by TMA into a ring of shared-memory stages guarded by mbarriers;
+  all matmuls are async wgmma, the second operand of dV, dK and dQ taken from registers.
+- Only the causal diagonal and, in the dQ programs, the row's last key tile are masked.
+- TMA reads a row's last tile whole, taking in rows of the next row. A dK/dV program zeroes those
+  query rows of Q and dO in shared memory (their weights are then exactly 0: their lse is
+  +inf), a dQ program those key rows of K (their weights are masked); so a non-finite value in
+  one row never reaches another row's gradients (0 * inf is NaN).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+import triton
+from triton.compiler.errors import CompilationError
+
+from . import attention_hopper
+from ._launch import fast_launch
+from ._utils import next_power_of_2
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
+    gluon = None
+
+# JAGGED_HOPPER_ATTENTION_BACKWARD=0 keeps every backward on the Triton kernel.
+ENABLED = os.environ.get("JAGGED_HOPPER_ATTENTION_BACKWARD", "1") != "0"
+_FAILED: set = set()
+
+if gluon is not None:
+    _tma_load = attention_hopper._tma_load
+    _cta_barrier = attention_hopper._cta_barrier
+    _slot_row = attention_hopper._slot_row
+    _zero_rows_past = attention_hopper._zero_rows_past
+    _store_layout = attention_hopper._store_layout
+
+    @gluon.jit
+    def _load_pair(a_desc, b_desc, a_smem, b_smem, bars, tile, first_row, col, BLOCK: gl.constexpr,
+                   STAGES: gl.constexpr):
+        """TMA-load tile ``tile`` (rows first_row + tile * BLOCK on) of two tensors into its stage."""
+        stage = tile % STAGES
+        bar = bars.index(stage)
+        mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+        _tma_load(a_desc, [first_row + tile * BLOCK, col], bar, a_smem.index(stage))
+        _tma_load(b_desc, [first_row + tile * BLOCK, col], bar, b_smem.index(stage))
+
+    @gluon.jit
+    def _store_rows(ptr, acc, first, length, begin, stride_t, stride_h, head, HEAD_D: gl.constexpr,
+                    num_warps: gl.constexpr):
+        """Store a [BLOCK, HEAD_D] float32 accumulator as rows first.. of a row (16-byte vectors),
+        the rows at or past ``length`` left out."""
+        layout: gl.constexpr = _store_layout(HEAD_D, num_warps)
+        values = gl.convert_layout(acc.to(ptr.dtype.element_ty), layout)
+        rows = first + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
+        offs = gl.expand_dims((begin + rows) * stride_t + head * stride_h, 1) + gl.expand_dims(cols, 0)
+        gl.store(ptr + offs, values, mask=gl.expand_dims(rows < length, 1))
+
+    @gluon.jit
+    def _dkdv_program(
+        slot, head, q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr,
+        k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+        CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """dK, dV of one block of BLOCK_N keys of one row: stream over the row's queries in tiles of
+        BLOCK_M. Transposed score tiles [keys, queries], so that dV += P^T dO and dK += dS^T Q take
+        P^T and dS^T from registers."""
+        row, k_begin, k_len, block = _slot_row(k_offsets_ptr, slot, batch_size, BLOCK_N, SCAN, num_warps)
+        if block * BLOCK_N < k_len:
+            q_begin = gl.load(q_offsets_ptr + row).to(gl.int32)
+            q_len = gl.load(q_offsets_ptr + row + 1).to(gl.int32) - q_begin
+            key_start = block * BLOCK_N
+            start_m = 0
+            if CAUSAL:  # query i sees key j <= i + (L_k - L_q): the first query tile that sees key_start
+                start_m = (gl.maximum(key_start - (k_len - q_len), 0) // BLOCK_M) * BLOCK_M
+            n_tiles = gl.cdiv(gl.maximum(q_len - start_m, 0), BLOCK_M)
+            col = head * HEAD_D
+
+            st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                                instr_shape=[16, BLOCK_M, 16])
+            acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                                 instr_shape=[16, HEAD_D, 16])
+            a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+
+            k_smem = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
+            v_smem = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
+            q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+            do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+            bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(bars.index(i), count=1)
+            mbarrier.init(kv_bar, count=1)
+
+            mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            _tma_load(k_desc, [k_begin + key_start, col], kv_bar, k_smem)
+            _tma_load(v_desc, [k_begin + key_start, col], kv_bar, v_smem)
+            for i in gl.static_range(STAGES - 1):
+                if i < n_tiles:
+                    _load_pair(q_desc, do_desc, q_smem, do_smem, bars, i, q_begin + start_m, col, BLOCK_M, STAGES)
+
+            keys = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
+            st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
+            dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=acc_layout)
+            dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=acc_layout)
+            mbarrier.wait(kv_bar, 0)
+            for j in range(n_tiles):
+                if j + STAGES - 1 < n_tiles:  # its stage's last reader, tile j - 1, has finished
+                    _load_pair(q_desc, do_desc, q_smem, do_smem, bars, j + STAGES - 1, q_begin + start_m, col,
+                               BLOCK_M, STAGES)
+                q_start = start_m + j * BLOCK_M
+                queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+                query_ok = queries < q_len
+                # A query past the row (or that saw no key) has lse = +inf: its weights are 0.
+                lse = gl.load(lse_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=float("inf"))
+                delta = gl.load(delta_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=0.0)
+                stage = j % STAGES
+                mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
+                q_tile = q_smem.index(stage)
+                do_tile = do_smem.index(stage)
+                if q_start + BLOCK_M > q_len:  # the next row's queries: zeroed, so that 0 * them is 0
+                    _zero_rows_past(q_tile, q_start, q_len, HEAD_D, num_warps)
+                    _zero_rows_past(do_tile, q_start, q_len, HEAD_D, num_warps)
+                    fence_async_shared()
+                    _cta_barrier()
+                st = warpgroup_mma(k_smem, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                dpt = warpgroup_mma(v_smem, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                st = warpgroup_mma_wait(1, deps=(st, ))
+                pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
+                if CAUSAL:
+                    if key_start + BLOCK_N - 1 > q_start + (k_len - q_len):  # the diagonal crosses the tile
+                        visible = gl.expand_dims(keys, 1) <= gl.expand_dims(queries + (k_len - q_len), 0)
+                        pt = gl.where(visible, pt, 0.0)
+                pt_op = gl.convert_layout(pt.to(do_desc.dtype), a_layout)
+                dv = warpgroup_mma(pt_op, do_tile, dv, is_async=True)
+                dpt = warpgroup_mma_wait(1, deps=(dpt, ))
+                dst = pt * (dpt - gl.expand_dims(delta, 0))
+                dst_op = gl.convert_layout(dst.to(q_desc.dtype), a_layout)
+                dk = warpgroup_mma(dst_op, q_tile, dk, is_async=True)
+                dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
+
+            for i in gl.static_range(STAGES):
+                mbarrier.invalidate(bars.index(i))
+            mbarrier.invalidate(kv_bar)
+            _store_rows(dk_ptr, dk * scale, key_start, k_len, k_begin, stride_dkt, stride_dkh, head, HEAD_D,
+                        num_warps)
+            _store_rows(dv_ptr, dv, key_start, k_len, k_begin, stride_dvt, stride_dvh, head, HEAD_D, num_warps)
+
+    @gluon.jit
+    def _dq_program(
+        slot, head, q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr,
+        batch_size, qk_scale, scale, stride_dqt, stride_dqh, stride_lh,
+        CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """dQ of one block of BLOCK_M queries of one row: stream over the row's keys in tiles of
+        BLOCK_N (the forward's walk)."""
+        row, q_begin, q_len, block = _slot_row(q_offsets_ptr, slot, batch_size, BLOCK_M, SCAN, num_warps)
+        if block * BLOCK_M < q_len:
+            k_begin = gl.load(k_offsets_ptr + row).to(gl.int32)
+            k_len = gl.load(k_offsets_ptr + row + 1).to(gl.int32) - k_begin
+            q_start = block * BLOCK_M
+            end_n = k_len
+            if CAUSAL:
+                end_n = gl.minimum(k_len, gl.maximum(gl.minimum(q_start + BLOCK_M, q_len) + (k_len - q_len), 0))
+            n_tiles = gl.cdiv(end_n, BLOCK_N)
+            col = head * HEAD_D
+
+            s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                               instr_shape=[16, BLOCK_N, 16])
+            acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                                 instr_shape=[16, HEAD_D, 16])
+            a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+
+            q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+            do_smem = gl.allocate_shared_memory(do_desc.dtype, do_desc.block_type.shape, do_desc.layout)
+            k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+            v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+            bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(bars.index(i), count=1)
+            mbarrier.init(q_bar, count=1)
+
+            mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            _tma_load(q_desc, [q_begin + q_start, col], q_bar, q_smem)
+            _tma_load(do_desc, [q_begin + q_start, col], q_bar, do_smem)
+            for i in gl.static_range(STAGES - 1):
+                if i < n_tiles:
+                    _load_pair(k_desc, v_desc, k_smem, v_smem, bars, i, k_begin, col, BLOCK_N, STAGES)
+
+            queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            query_ok = queries < q_len
+            lse = gl.load(lse_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=float("inf"))
+            delta = gl.load(delta_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=0.0)
+            s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+            dq = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=acc_layout)
+            mbarrier.wait(q_bar, 0)
+            for j in range(n_tiles):
+                if j + STAGES - 1 < n_tiles:
+                    _load_pair(k_desc, v_desc, k_smem, v_smem, bars, j + STAGES - 1, k_begin, col, BLOCK_N, STAGES)
+                stage = j % STAGES
+                mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
+                k_tile = k_smem.index(stage)
+                masked = (j + 1) * BLOCK_N > k_len
+                if masked:  # the next row's keys: zeroed, so that dS K is not 0 * them
+                    _zero_rows_past(k_tile, j * BLOCK_N, k_len, HEAD_D, num_warps)
+                    fence_async_shared()
+                    _cta_barrier()
+                s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                dp = warpgroup_mma(do_smem, v_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s, ))
+                if CAUSAL:
+                    masked = masked | ((j + 1) * BLOCK_N - 1 > q_start + (k_len - q_len))
+                if masked:
+                    s = attention_hopper._mask_tile(s, j, queries, k_len, q_len, s_layout, CAUSAL, BLOCK_N)
+                p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+                dp = warpgroup_mma_wait(0, deps=(dp, ))
+                ds = p * (dp - gl.expand_dims(delta, 1))
+                if (j + 1) * BLOCK_N > k_len:  # the next row's V rows make dP there anything, inf included
+                    keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                    ds = gl.where(gl.expand_dims(keys < k_len, 0), ds, 0.0)
+                dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), a_layout), k_tile, dq, is_async=True)
+                dq = warpgroup_mma_wait(0, deps=(dq, ))
+
+            for i in gl.static_range(STAGES):
+                mbarrier.invalidate(bars.index(i))
+            mbarrier.invalidate(q_bar)
+            _store_rows(dq_ptr, dq * scale, q_start, q_len, q_begin, stride_dqt, stride_dqh, head, HEAD_D, num_warps)
+
+    @fast_launch
+    @gluon.jit
+    def _attention_backward_hopper_kernel(
+        kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc,
+        lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, num_kv_slots,
+        qk_scale, scale, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+        CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, KV_BLOCK_M: gl.constexpr, KV_BLOCK_N: gl.constexpr,
+        Q_BLOCK_M: gl.constexpr, Q_BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCAN: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        # One launch for both kinds of program (as the Triton backward: they fill each other's tails).
+        slot = gl.program_id(0)
+        head = gl.program_id(1)
+        if slot < num_kv_slots:
+            _dkdv_program(slot, head, kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, lse_ptr, delta_ptr, dk_ptr,
+                          dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt, stride_dkh,
+                          stride_dvt, stride_dvh, stride_lh, CAUSAL, HEAD_D, KV_BLOCK_M, KV_BLOCK_N, STAGES, SCAN,
+                          num_warps)
+        else:
+            _dq_program(slot - num_kv_slots, head, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc, lse_ptr, delta_ptr,
+                        dq_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dqt, stride_dqh,
+                        stride_lh, CAUSAL, HEAD_D, Q_BLOCK_M, Q_BLOCK_N, STAGES, SCAN, num_warps)
+
+
+def _tiles(head_dim: int) -> dict:
+    """Tiles by head dim (H100, graph replay, benchmarks/NOTES.md session 21): at D <= 64, 64-key
+    dK/dV blocks walking 32-query tiles and 64-query dQ blocks walking 64-key tiles, 3 stages
+    (B=256 max_L=512 D=64 uniform 285 us vs 294-341 for the other tiles tried; within 2% of the
+    best at the other shapes); at D=128, 64 x 64 everywhere with 2 stages (193 vs 199-277 us at
+    max_L=256, 212 vs 238-323 at max_L=1024)."""
+    if head_dim == 128:
+        return dict(KV_BLOCK_M=64, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=2, num_warps=4)
+    return dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=3, num_warps=4)
+
+
+def hopper_backward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+                              q_offsets: torch.Tensor, scale: float, max_len: Optional[int], plain_softmax: bool,
+                              int32_offsets: bool) -> bool:
+    """Whether the attention backward of these (validated) inputs runs on the Gluon kernel: what
+    attention_hopper.hopper_inputs_supported asks of q, k, v and dO, except at D=32 on rows of at
+    most 128 (or of unknown length), where the Triton kernel's 16-row tiles waste less (B=1024
+    max_L=128 D=32 skewed: 45 us vs 64)."""
+    if q.shape[2] <= 32 and (max_len is None or max_len <= 128):
+        return False
+    return attention_hopper.hopper_inputs_supported((q, k, v, do), q_offsets, scale, plain_softmax, int32_offsets,
+                                                    ENABLED)
+
+
+def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                              delta: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor, causal: bool,
+                              scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                              tiles: Optional[dict] = None) -> bool:
+    """Fill dq, dk, dv for inputs that hopper_backward_supported accepted, from the forward's
+    base-2 ``lse`` and ``delta`` = rowsum(dO * O) (both [H, T_q], one stride). ``tiles`` replaces
+    _tiles' choice (tuning scripts). Returns False, having written nothing, if this Triton cannot
+    compile the kernel (warned once per configuration); the caller then runs the Triton kernel."""
+    total_q, heads, head_dim = q.shape
+    batch_size = q_offsets.numel() - 1
+    tiles = tiles or _tiles(head_dim)
+    key = (head_dim, causal, q.dtype, tuple(sorted(tiles.items())))
+    if key in _FAILED:
+        return False
+    scan = max(next_power_of_2(batch_size + 1), 32 * tiles["num_warps"])
+    num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
+    num_q_slots = batch_size + total_q // tiles["Q_BLOCK_M"]
+    descriptors = {}
+
+    def descriptor(x, rows):  # one object per (tensor, box): fewer host objects when tiles agree
+        if (id(x), rows) not in descriptors:
+            descriptors[id(x), rows] = attention_hopper._descriptor(x, [rows, head_dim])
+        return descriptors[id(x), rows]
+
+    try:
+        _attention_backward_hopper_kernel[(num_kv_slots + num_q_slots, heads)](
+            descriptor(q, tiles["KV_BLOCK_M"]), descriptor(k, tiles["KV_BLOCK_N"]), descriptor(v, tiles["KV_BLOCK_N"]),
+            descriptor(do, tiles["KV_BLOCK_M"]), descriptor(q, tiles["Q_BLOCK_M"]), descriptor(k, tiles["Q_BLOCK_N"]),
+            descriptor(v, tiles["Q_BLOCK_N"]), descriptor(do, tiles["Q_BLOCK_M"]),
+            lse, delta, dq, dk, dv, q_offsets, k_offsets, batch_size, num_kv_slots, scale * 1.4426950408889634, scale,
+            dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, **tiles)
+    except (CompilationError, AttributeError, TypeError, ValueError) as error:
+        _FAILED.add(key)
+        warnings.warn(f"jagged: the Hopper attention backward did not compile with Triton {triton.__version__} "
+                      f"({type(error).__name__}: {str(error)[:200]}); using the Triton kernel", RuntimeWarning,
+                      stacklevel=3)
+        return False
+    return True
