@@ -2,8 +2,6 @@
 them; run by tests/test_kernel_compile.py in a process without the interpreter. Prints one line
 per variant."""
 
-import sys
-
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -11,6 +9,21 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 
 from jagged.ops import attention_hopper, attention_hopper_backward
+
+
+def _pointer(dtype):
+    return "*bf16" if dtype == torch.bfloat16 else "*fp16"
+
+
+def _compile(kernel, signature, constexprs, num_warps):
+    """Compile for sm_90 with every argument named (constexprs as "constexpr"); check that the
+    kernel uses TMA and wgmma."""
+    signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    assert set(signature) == set(kernel.arg_names), (list(signature), kernel.arg_names)
+    signature = {name: signature[name] for name in kernel.arg_names}
+    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert "wgmma.mma_async" in compiled.asm["ptx"] and "cp.async.bulk.tensor" in compiled.asm["ptx"]
 
 
 def main():
@@ -26,20 +39,11 @@ def main():
                     kv_desc = attention_hopper._descriptor(x, [tiles["BLOCK_N"], head_dim])
                     constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, **tiles)
                     signature = dict(q_desc=mangle_type(q_desc), k_desc=mangle_type(kv_desc),
-                                     v_desc=mangle_type(kv_desc), o_ptr="*bf16" if dtype == torch.bfloat16 else "*fp16",
+                                     v_desc=mangle_type(kv_desc), o_ptr=_pointer(dtype),
                                      lse_ptr="*fp32", q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",
                                      qk_scale="fp32", stride_ot="i32", stride_oh="i32", stride_lh="i32")
-                    signature.update({name: "constexpr" for name in constexprs})
-                    assert set(signature) == set(kernel.arg_names), (list(signature), kernel.arg_names)
-                    signature = {name: signature[name] for name in kernel.arg_names}
-                    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=constexprs),
-                                              target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles["num_warps"]})
-                    assert "wgmma.mma_async" in compiled.asm["ptx"] and "cp.async.bulk.tensor" in compiled.asm["ptx"]
+                    _compile(kernel, signature, constexprs, tiles["num_warps"])
                     print("compiled", head_dim, max_len, dtype, causal, flush=True)
-
-
-def _pointer(dtype):
-    return "*bf16" if dtype == torch.bfloat16 else "*fp16"
 
 
 def backward():
@@ -51,7 +55,8 @@ def backward():
             for causal in (False, True):
                 x = torch.empty(1024, 2, head_dim, dtype=dtype)
                 signature = {}
-                for program, (rows_q, rows_k) in dict(kv=("KV_BLOCK_M", "KV_BLOCK_N"), dq=("Q_BLOCK_M", "Q_BLOCK_N")).items():
+                programs = dict(kv=("KV_BLOCK_M", "KV_BLOCK_N"), dq=("Q_BLOCK_M", "Q_BLOCK_N"))
+                for program, (rows_q, rows_k) in programs.items():
                     for name, rows in dict(q=rows_q, k=rows_k, v=rows_k, do=rows_q).items():
                         descriptor = attention_hopper._descriptor(x, [tiles[rows], head_dim])
                         signature[f"{program}_{name}_desc"] = mangle_type(descriptor)
@@ -60,12 +65,7 @@ def backward():
                                  num_kv_slots="i32", qk_scale="fp32", scale="fp32")
                 signature.update({name: "i32" for name in kernel.arg_names if name.startswith("stride")})
                 constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, **tiles)
-                signature.update({name: "constexpr" for name in constexprs})
-                assert set(signature) == set(kernel.arg_names), (list(signature), kernel.arg_names)
-                signature = {name: signature[name] for name in kernel.arg_names}
-                compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=constexprs),
-                                          target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles["num_warps"]})
-                assert "wgmma.mma_async" in compiled.asm["ptx"] and "cp.async.bulk.tensor" in compiled.asm["ptx"]
+                _compile(kernel, signature, constexprs, tiles["num_warps"])
                 print("compiled backward", head_dim, dtype, causal, flush=True)
 
 

@@ -20,34 +20,31 @@ SM90 = ON_GPU and torch.cuda.get_device_capability()[0] == 9
 gpu_only = pytest.mark.skipif(not SM90, reason="Gluon's Hopper kernel needs an sm_90 GPU")
 
 
-@pytest.fixture
-def hopper_calls(monkeypatch):
-    """The number of forward calls the Gluon kernel served."""
+def _count_calls(monkeypatch, module, name):
+    """Wrap the launcher ``module.name`` (it returns whether it served the call) to record each
+    result; returns the record."""
     calls = []
-    launch = attention_hopper.attention_forward_hopper
+    launch = getattr(module, name)
 
     def counted(*args, **kwargs):
         served = launch(*args, **kwargs)
         calls.append(served)
         return served
 
-    monkeypatch.setattr(attention_hopper, "attention_forward_hopper", counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
+
+
+@pytest.fixture
+def hopper_calls(monkeypatch):
+    """The forward calls the Gluon kernel served."""
+    return _count_calls(monkeypatch, attention_hopper, "attention_forward_hopper")
 
 
 @pytest.fixture
 def backward_calls(monkeypatch):
-    """The number of backward calls the Gluon kernel served."""
-    calls = []
-    launch = attention_hopper_backward.attention_backward_hopper
-
-    def counted(*args, **kwargs):
-        served = launch(*args, **kwargs)
-        calls.append(served)
-        return served
-
-    monkeypatch.setattr(attention_hopper_backward, "attention_backward_hopper", counted)
-    return calls
+    """The backward calls the Gluon kernel served."""
+    return _count_calls(monkeypatch, attention_hopper_backward, "attention_backward_hopper")
 
 
 def _forward(q, k, v, q_offsets, k_offsets, causal, max_len, hopper, monkeypatch):
@@ -94,6 +91,28 @@ def check_hopper(q_lengths, k_lengths, heads, head_dim, dtype, causal, max_len, 
     assert hopper_calls == [True, True, True]
 
 
+def check_graph_replay(run, changed):
+    """Capture ``run`` (a tensor or a tuple of them out) in a CUDA graph after a warm-up on a side
+    stream, give ``changed`` (one of its inputs) new values and replay: the replay must recompute,
+    bit for bit what an eager call gives. ``run`` is called four times."""
+    expected = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    changed.copy_(random_values(changed.shape, changed.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    as_tuple = (lambda x: x if isinstance(x, tuple) else (x,))
+    assert not torch.equal(as_tuple(captured)[0], as_tuple(expected)[0]), "the replay did not recompute"
+    for got, want in zip(as_tuple(captured), as_tuple(run())):
+        assert torch.equal(got, want)
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 # Long rows take the Gluon kernel at D=128 only (64-key tiles, the softmax overlapped).
@@ -127,13 +146,8 @@ def test_property(lengths, heads, head_dim, causal, data):
     if skew:  # one long row among short ones
         lengths[data.draw(st.integers(0, len(lengths) - 1))] = 900 if head_dim == 128 else 500
     with pytest.MonkeyPatch.context() as monkeypatch:
-        calls, backward_calls = [], []
-        launch = attention_hopper.attention_forward_hopper
-        monkeypatch.setattr(attention_hopper, "attention_forward_hopper",
-                            lambda *a, **kw: calls.append(launch(*a, **kw)) or calls[-1])
-        launch_backward = attention_hopper_backward.attention_backward_hopper
-        monkeypatch.setattr(attention_hopper_backward, "attention_backward_hopper",
-                            lambda *a, **kw: backward_calls.append(launch_backward(*a, **kw)) or backward_calls[-1])
+        calls = _count_calls(monkeypatch, attention_hopper, "attention_forward_hopper")
+        backward_calls = _count_calls(monkeypatch, attention_hopper_backward, "attention_backward_hopper")
         check_hopper(lengths, lengths, heads, head_dim, torch.bfloat16, causal, max(lengths), monkeypatch, calls,
                      backward_calls, self_attention=True)
 
@@ -210,17 +224,8 @@ def test_backward_cuda_graph_capture(causal, backward_calls):
     def backward():
         return attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, causal, scale, 256)[:3]
 
-    expected = backward()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        grads = backward()
-    do.copy_(random_values(do.shape, do.dtype))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert all(backward_calls) and len(backward_calls) == 2
-    assert not torch.equal(grads[0], expected[0]), "the replay did not recompute"
-    for got, want in zip(grads, backward()):
-        assert torch.equal(got, want)
+    check_graph_replay(backward, do)
+    assert backward_calls == [True] * 4
 
 
 @gpu_only
@@ -247,21 +252,8 @@ def test_cuda_graph_capture(monkeypatch, hopper_calls):
     def attend():  # without validation: checking the offsets' values synchronises
         return jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=256, validate=False)
 
-    expected = attend()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        attend()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = attend()
-    q.copy_(random_values(q.shape, q.dtype))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert all(hopper_calls) and len(hopper_calls) == 3
-    assert not torch.equal(out, expected), "the replay did not recompute"
-    assert torch.equal(out, attend())
+    check_graph_replay(attend, q)
+    assert hopper_calls == [True] * 4
 
 
 @gpu_only

@@ -65,6 +65,23 @@ if gluon is not None:
         per_row = min(head_dim // 8, 32)
         return gl.BlockedLayout([1, 8], [32 // per_row, per_row], [num_warps, 1], [1, 0])
 
+    @gluon.constexpr_function
+    def _mma_layout(num_warps, columns):
+        """The wgmma accumulator layout of a [16 * num_warps, columns] tile."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, columns, 16])
+
+    @gluon.jit
+    def _store_rows(ptr, acc, first, length, begin, stride_t, stride_h, head, HEAD_D: gl.constexpr,
+                    num_warps: gl.constexpr):
+        """Store a [BLOCK, HEAD_D] float32 accumulator as rows first.. of a row (16-byte vectors),
+        the rows at or past ``length`` left out."""
+        layout: gl.constexpr = _store_layout(HEAD_D, num_warps)
+        values = gl.convert_layout(acc.to(ptr.dtype.element_ty), layout)
+        rows = first + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
+        offs = gl.expand_dims((begin + rows) * stride_t + head * stride_h, 1) + gl.expand_dims(cols, 0)
+        gl.store(ptr + offs, values, mask=gl.expand_dims(rows < length, 1))
+
     @gluon.jit
     def _slot_row(offsets_ptr, slot, batch_size, BLOCK_M: gl.constexpr, SCAN: gl.constexpr,
                   num_warps: gl.constexpr):
@@ -90,13 +107,15 @@ if gluon is not None:
         tile.store(gl.where(gl.expand_dims(rows < length, 1), values, gl.zeros_like(values)))
 
     @gluon.jit
-    def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, tile, k_begin, col, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr):
+    def _load_pair(a_desc, b_desc, a_smem, b_smem, bars, tile, first_row, col, BLOCK: gl.constexpr,
+                   STAGES: gl.constexpr):
+        """TMA-load tile ``tile`` (rows first_row + tile * BLOCK on, columns col on) of two tensors
+        into its stage of two rings, on the stage's mbarrier."""
         stage = tile % STAGES
         bar = bars.index(stage)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [k_begin + tile * BLOCK_N, col], bar, k_smem.index(stage))
-        _tma_load(v_desc, [k_begin + tile * BLOCK_N, col], bar, v_smem.index(stage))
+        mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+        _tma_load(a_desc, [first_row + tile * BLOCK, col], bar, a_smem.index(stage))
+        _tma_load(b_desc, [first_row + tile * BLOCK, col], bar, b_smem.index(stage))
 
     @gluon.jit
     def _wait_kv(v_smem, bars, tile, k_len, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
@@ -158,10 +177,8 @@ if gluon is not None:
         n_tiles = gl.cdiv(end_n, BLOCK_N)
         col = head * HEAD_D
 
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_D, 16])
+        s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
+        o_layout: gl.constexpr = _mma_layout(num_warps, HEAD_D)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
@@ -180,7 +197,7 @@ if gluon is not None:
         PRELOAD: gl.constexpr = STAGES if OVERLAP else STAGES - 1
         for i in gl.static_range(PRELOAD):
             if i < n_tiles:
-                _load_kv(k_desc, v_desc, k_smem, v_smem, bars, i, k_begin, col, BLOCK_N, STAGES)
+                _load_pair(k_desc, v_desc, k_smem, v_smem, bars, i, k_begin, col, BLOCK_N, STAGES)
 
         queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -211,13 +228,13 @@ if gluon is not None:
                     acc = warpgroup_mma_wait(0, deps=(acc, ))
                     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
                     if j - 1 + STAGES < n_tiles:
-                        _load_kv(k_desc, v_desc, k_smem, v_smem, bars, j - 1 + STAGES, k_begin, col, BLOCK_N, STAGES)
+                        _load_pair(k_desc, v_desc, k_smem, v_smem, bars, j - 1 + STAGES, k_begin, col, BLOCK_N, STAGES)
                 acc = warpgroup_mma(p, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
         else:
             for j in range(n_tiles):
                 if j + STAGES - 1 < n_tiles:
-                    _load_kv(k_desc, v_desc, k_smem, v_smem, bars, j + STAGES - 1, k_begin, col, BLOCK_N, STAGES)
+                    _load_pair(k_desc, v_desc, k_smem, v_smem, bars, j + STAGES - 1, k_begin, col, BLOCK_N, STAGES)
                 _wait_kv(v_smem, bars, j, k_len, BLOCK_N, HEAD_D, STAGES, num_warps)
                 qk = warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)), qk_zero, use_acc=False,
                                    is_async=True)
@@ -238,12 +255,8 @@ if gluon is not None:
         lse = gl.where(seen, m_i + gl.log2(gl.where(seen, l_i, 1.0)), float("inf"))
         gl.store(lse_ptr + head * stride_lh + q_begin + queries, lse, mask=queries < q_len)
         inverse = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))
-        out_layout: gl.constexpr = _store_layout(HEAD_D, num_warps)
-        out = gl.convert_layout((acc * gl.expand_dims(inverse, 1)).to(q_desc.dtype), out_layout)
-        rows = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, out_layout))
-        offs = gl.expand_dims((q_begin + rows) * stride_ot + head * stride_oh, 1) + gl.expand_dims(cols, 0)
-        gl.store(o_ptr + offs, out, mask=gl.expand_dims(rows < q_len, 1))
+        _store_rows(o_ptr, acc * gl.expand_dims(inverse, 1), q_start, q_len, q_begin, stride_ot, stride_oh, head,
+                    HEAD_D, num_warps)
 
 
 def _tiles(head_dim: int, max_len: Optional[int]) -> dict:

@@ -49,28 +49,40 @@ if gluon is not None:
     _slot_row = attention_hopper._slot_row
     _zero_rows_past = attention_hopper._zero_rows_past
     _store_layout = attention_hopper._store_layout
+    _load_pair = attention_hopper._load_pair
+    _store_rows = attention_hopper._store_rows
+    _mma_layout = attention_hopper._mma_layout
 
     @gluon.jit
-    def _load_pair(a_desc, b_desc, a_smem, b_smem, bars, tile, first_row, col, BLOCK: gl.constexpr,
-                   STAGES: gl.constexpr):
-        """TMA-load tile ``tile`` (rows first_row + tile * BLOCK on) of two tensors into its stage."""
-        stage = tile % STAGES
-        bar = bars.index(stage)
-        mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-        _tma_load(a_desc, [first_row + tile * BLOCK, col], bar, a_smem.index(stage))
-        _tma_load(b_desc, [first_row + tile * BLOCK, col], bar, b_smem.index(stage))
+    def _open_tiles(once_a_desc, once_b_desc, ring_a_desc, ring_b_desc, once_row, ring_row, col, n_tiles,
+                    BLOCK: gl.constexpr, STAGES: gl.constexpr):
+        """Shared memory for the two tiles a program loads once (rows once_row on) and the two it
+        streams through a ring of STAGES (tiles of BLOCK rows from ring_row on), with their
+        mbarriers; starts the loads of the first and of the ring's first STAGES - 1 tiles."""
+        once_a = gl.allocate_shared_memory(once_a_desc.dtype, once_a_desc.block_type.shape, once_a_desc.layout)
+        once_b = gl.allocate_shared_memory(once_b_desc.dtype, once_b_desc.block_type.shape, once_b_desc.layout)
+        ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, [STAGES] + ring_a_desc.block_type.shape,
+                                           ring_a_desc.layout)
+        ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, [STAGES] + ring_b_desc.block_type.shape,
+                                           ring_b_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        once_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        mbarrier.init(once_bar, count=1)
+        mbarrier.expect(once_bar, once_a_desc.block_type.nbytes + once_b_desc.block_type.nbytes)
+        _tma_load(once_a_desc, [once_row, col], once_bar, once_a)
+        _tma_load(once_b_desc, [once_row, col], once_bar, once_b)
+        for i in gl.static_range(STAGES - 1):
+            if i < n_tiles:
+                _load_pair(ring_a_desc, ring_b_desc, ring_a, ring_b, bars, i, ring_row, col, BLOCK, STAGES)
+        return once_a, once_b, ring_a, ring_b, bars, once_bar
 
     @gluon.jit
-    def _store_rows(ptr, acc, first, length, begin, stride_t, stride_h, head, HEAD_D: gl.constexpr,
-                    num_warps: gl.constexpr):
-        """Store a [BLOCK, HEAD_D] float32 accumulator as rows first.. of a row (16-byte vectors),
-        the rows at or past ``length`` left out."""
-        layout: gl.constexpr = _store_layout(HEAD_D, num_warps)
-        values = gl.convert_layout(acc.to(ptr.dtype.element_ty), layout)
-        rows = first + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
-        offs = gl.expand_dims((begin + rows) * stride_t + head * stride_h, 1) + gl.expand_dims(cols, 0)
-        gl.store(ptr + offs, values, mask=gl.expand_dims(rows < length, 1))
+    def _close_tiles(bars, once_bar, STAGES: gl.constexpr):
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        mbarrier.invalidate(once_bar)
 
     @gluon.jit
     def _dkdv_program(
@@ -93,28 +105,11 @@ if gluon is not None:
             n_tiles = gl.cdiv(gl.maximum(q_len - start_m, 0), BLOCK_M)
             col = head * HEAD_D
 
-            st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                                instr_shape=[16, BLOCK_M, 16])
-            acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                                 instr_shape=[16, HEAD_D, 16])
+            st_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_M)
+            acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_D)
             a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-
-            k_smem = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
-            v_smem = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
-            q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
-            do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-            bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES):
-                mbarrier.init(bars.index(i), count=1)
-            mbarrier.init(kv_bar, count=1)
-
-            mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            _tma_load(k_desc, [k_begin + key_start, col], kv_bar, k_smem)
-            _tma_load(v_desc, [k_begin + key_start, col], kv_bar, v_smem)
-            for i in gl.static_range(STAGES - 1):
-                if i < n_tiles:
-                    _load_pair(q_desc, do_desc, q_smem, do_smem, bars, i, q_begin + start_m, col, BLOCK_M, STAGES)
+            k_smem, v_smem, q_smem, do_smem, bars, kv_bar = _open_tiles(
+                k_desc, v_desc, q_desc, do_desc, k_begin + key_start, q_begin + start_m, col, n_tiles, BLOCK_M, STAGES)
 
             keys = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
             st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
@@ -156,9 +151,7 @@ if gluon is not None:
                 dk = warpgroup_mma(dst_op, q_tile, dk, is_async=True)
                 dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
 
-            for i in gl.static_range(STAGES):
-                mbarrier.invalidate(bars.index(i))
-            mbarrier.invalidate(kv_bar)
+            _close_tiles(bars, kv_bar, STAGES)
             _store_rows(dk_ptr, dk * scale, key_start, k_len, k_begin, stride_dkt, stride_dkh, head, HEAD_D,
                         num_warps)
             _store_rows(dv_ptr, dv, key_start, k_len, k_begin, stride_dvt, stride_dvh, head, HEAD_D, num_warps)
@@ -183,28 +176,11 @@ if gluon is not None:
             n_tiles = gl.cdiv(end_n, BLOCK_N)
             col = head * HEAD_D
 
-            s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                               instr_shape=[16, BLOCK_N, 16])
-            acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                                 instr_shape=[16, HEAD_D, 16])
+            s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
+            acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_D)
             a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-
-            q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
-            do_smem = gl.allocate_shared_memory(do_desc.dtype, do_desc.block_type.shape, do_desc.layout)
-            k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-            v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-            bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES):
-                mbarrier.init(bars.index(i), count=1)
-            mbarrier.init(q_bar, count=1)
-
-            mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            _tma_load(q_desc, [q_begin + q_start, col], q_bar, q_smem)
-            _tma_load(do_desc, [q_begin + q_start, col], q_bar, do_smem)
-            for i in gl.static_range(STAGES - 1):
-                if i < n_tiles:
-                    _load_pair(k_desc, v_desc, k_smem, v_smem, bars, i, k_begin, col, BLOCK_N, STAGES)
+            q_smem, do_smem, k_smem, v_smem, bars, q_bar = _open_tiles(
+                q_desc, do_desc, k_desc, v_desc, q_begin + q_start, k_begin, col, n_tiles, BLOCK_N, STAGES)
 
             queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
             query_ok = queries < q_len
@@ -241,9 +217,7 @@ if gluon is not None:
                 dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), a_layout), k_tile, dq, is_async=True)
                 dq = warpgroup_mma_wait(0, deps=(dq, ))
 
-            for i in gl.static_range(STAGES):
-                mbarrier.invalidate(bars.index(i))
-            mbarrier.invalidate(q_bar)
+            _close_tiles(bars, q_bar, STAGES)
             _store_rows(dq_ptr, dq * scale, q_start, q_len, q_begin, stride_dqt, stride_dqh, head, HEAD_D, num_warps)
 
     @fast_launch
