@@ -613,6 +613,12 @@ def _hstu_mask(num_targets: Optional[torch.Tensor], contextual_len: int, window:
     return num_targets is not None or contextual_len > 0 or window is not None
 
 
+def _plain_softmax(activation: int, bias: Optional[torch.Tensor], dropout_p: float, hstu_mask: bool) -> bool:
+    """Softmax attention without a bias, dropout or HSTU mask: what the Hopper kernels compute and
+    what the Triton backward's long-row tiles were measured on."""
+    return activation == 0 and bias is None and dropout_p == 0 and not hstu_mask
+
+
 def _score_arguments(q: torch.Tensor, q_offsets: torch.Tensor, causal: bool, scale: float, activation: int,
                      norm: Optional[float], bias: Optional[torch.Tensor], num_targets: Optional[torch.Tensor],
                      contextual_len: int, window: Optional[int], dropout_p: float, seed: int) -> dict:
@@ -648,7 +654,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
     batch_size = q_offsets.numel() - 1
     if total_q == 0 or heads == 0:
         return out, lse
-    plain = activation == 0 and bias is None and dropout_p == 0 and not _hstu_mask(num_targets, contextual_len, window)
+    plain = _plain_softmax(activation, bias, dropout_p, _hstu_mask(num_targets, contextual_len, window))
     if (attention_hopper.hopper_forward_supported(q, k, v, q_offsets, scale, max_len, plain,
                                                   plain and _int32_offsets((out,), (lse,)))
             and attention_hopper.attention_forward_hopper(q, k, v, q_offsets, k_offsets, causal, scale, max_len, out,
@@ -698,8 +704,8 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                                                       device=q.device)
     do = unit_last_stride(do)
     hstu_mask = _hstu_mask(num_targets, contextual_len, window)
-    tiles = _tiles("backward", q.shape[2], v.shape[2], max_len, hstu_mask,
-                   activation == 0 and bias is None and dropout_p == 0 and not hstu_mask)
+    plain = _plain_softmax(activation, bias, dropout_p, hstu_mask)
+    tiles = _tiles("backward", q.shape[2], v.shape[2], max_len, hstu_mask, plain)
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
     # Bias gradient: one row of partial sums per (dQ program, head), summed in a fixed order
@@ -713,7 +719,6 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
             out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
             BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
-        plain = bias is None and dropout_p == 0 and not hstu_mask
         if (attention_hopper_backward.hopper_backward_supported(
                 q, k, v, do, q_offsets, scale, max_len, plain,
                 plain and _int32_offsets((q, k, v, do, dq, dk, dv), (lse, delta)))

@@ -98,6 +98,18 @@ if gluon is not None:
         return row, begin, end - begin, slot - (begin // BLOCK_M + row)
 
     @gluon.jit
+    def _key_span(k_offsets_ptr, row, q_start, q_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr):
+        """The keys of ``row`` that queries [q_start, q_start + BLOCK_M) see: the row's key begin
+        and length, and the end of the keys any of them sees (causal: query i sees key
+        j <= i + (L_k - L_q))."""
+        k_begin = gl.load(k_offsets_ptr + row).to(gl.int32)
+        k_len = gl.load(k_offsets_ptr + row + 1).to(gl.int32) - k_begin
+        end_n = k_len
+        if CAUSAL:
+            end_n = gl.minimum(k_len, gl.maximum(gl.minimum(q_start + BLOCK_M, q_len) + (k_len - q_len), 0))
+        return k_begin, k_len, end_n
+
+    @gluon.jit
     def _zero_rows_past(tile, first, length, HEAD_D: gl.constexpr, num_warps: gl.constexpr):
         """Zero the rows of a shared-memory tile [BLOCK, HEAD_D] that hold positions first + r at or
         past ``length`` (TMA brought them in from the next row). The caller fences and syncs."""
@@ -168,12 +180,8 @@ if gluon is not None:
         row, q_begin, q_len, block = _slot_row(q_offsets_ptr, gl.program_id(0), batch_size, BLOCK_M, SCAN, num_warps)
         if block * BLOCK_M >= q_len:  # a spare slot
             return
-        k_begin = gl.load(k_offsets_ptr + row).to(gl.int32)
-        k_len = gl.load(k_offsets_ptr + row + 1).to(gl.int32) - k_begin
         q_start = block * BLOCK_M
-        end_n = k_len
-        if CAUSAL:
-            end_n = gl.minimum(k_len, gl.maximum(gl.minimum(q_start + BLOCK_M, q_len) + (k_len - q_len), 0))
+        k_begin, k_len, end_n = _key_span(k_offsets_ptr, row, q_start, q_len, CAUSAL, BLOCK_M)
         n_tiles = gl.cdiv(end_n, BLOCK_N)
         col = head * HEAD_D
 

@@ -167,12 +167,8 @@ if gluon is not None:
         BLOCK_N (the forward's walk)."""
         row, q_begin, q_len, block = _slot_row(q_offsets_ptr, slot, batch_size, BLOCK_M, SCAN, num_warps)
         if block * BLOCK_M < q_len:
-            k_begin = gl.load(k_offsets_ptr + row).to(gl.int32)
-            k_len = gl.load(k_offsets_ptr + row + 1).to(gl.int32) - k_begin
             q_start = block * BLOCK_M
-            end_n = k_len
-            if CAUSAL:
-                end_n = gl.minimum(k_len, gl.maximum(gl.minimum(q_start + BLOCK_M, q_len) + (k_len - q_len), 0))
+            k_begin, k_len, end_n = attention_hopper._key_span(k_offsets_ptr, row, q_start, q_len, CAUSAL, BLOCK_M)
             n_tiles = gl.cdiv(end_n, BLOCK_N)
             col = head * HEAD_D
 
