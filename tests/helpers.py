@@ -1,5 +1,5 @@
-"""Shared test helpers: devices, dtypes, the tolerance table, one assert, input makers and
-hypothesis strategies for length patterns."""
+"""Shared test helpers: devices, dtypes, the tolerance table, one assert, input makers,
+hypothesis strategies for length patterns, a launcher call counter and a CUDA-graph replay check."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# The Gluon (Hopper) kernels run on sm_90 only.
+SM90 = ON_GPU and torch.cuda.get_device_capability()[0] == 9
 
 # bf16 only on the GPU: the Triton interpreter's bf16 tl.dot is wrong (triton 3.6 and 3.9).
 FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
@@ -141,3 +143,40 @@ def tiered_lengths(launch, feature_dim, dtype, case):
         assert grid[1] == short_blocks + (0 if short_only else long_blocks * (2 if walkers else 1))
         assert all(tiles[k] == tiers[k] for k in ("SHORT_T", "SHORT_D", "LONG_T", "LONG_D"))
     return lengths, longest
+
+
+def count_calls(monkeypatch, module, name):
+    """Wrap the launcher ``module.name`` (it returns whether it served the call) to record each
+    result; returns the record."""
+    calls = []
+    launch = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        served = launch(*args, **kwargs)
+        calls.append(served)
+        return served
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def check_graph_replay(run, changed):
+    """Capture ``run`` (a tensor or a tuple of them out) in a CUDA graph after a warm-up on a side
+    stream, give ``changed`` (one of its inputs) new values and replay: the replay must recompute,
+    bit for bit what an eager call gives. ``run`` is called four times."""
+    expected = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    changed.copy_(random_values(changed.shape, changed.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    as_tuple = (lambda x: x if isinstance(x, tuple) else (x,))
+    assert not torch.equal(as_tuple(captured)[0], as_tuple(expected)[0]), "the replay did not recompute"
+    for got, want in zip(as_tuple(captured), as_tuple(run())):
+        assert torch.equal(got, want)

@@ -14,37 +14,21 @@ from hypothesis import strategies as st
 import jagged
 from jagged import reference
 from jagged.ops import attention, attention_hopper, attention_hopper_backward
-from helpers import ON_GPU, assert_close, make_offsets, random_values
+from helpers import ON_GPU, SM90, assert_close, check_graph_replay, count_calls, make_offsets, random_values
 
-SM90 = ON_GPU and torch.cuda.get_device_capability()[0] == 9
 gpu_only = pytest.mark.skipif(not SM90, reason="Gluon's Hopper kernel needs an sm_90 GPU")
-
-
-def _count_calls(monkeypatch, module, name):
-    """Wrap the launcher ``module.name`` (it returns whether it served the call) to record each
-    result; returns the record."""
-    calls = []
-    launch = getattr(module, name)
-
-    def counted(*args, **kwargs):
-        served = launch(*args, **kwargs)
-        calls.append(served)
-        return served
-
-    monkeypatch.setattr(module, name, counted)
-    return calls
 
 
 @pytest.fixture
 def hopper_calls(monkeypatch):
     """The forward calls the Gluon kernel served."""
-    return _count_calls(monkeypatch, attention_hopper, "attention_forward_hopper")
+    return count_calls(monkeypatch, attention_hopper, "attention_forward_hopper")
 
 
 @pytest.fixture
 def backward_calls(monkeypatch):
     """The backward calls the Gluon kernel served."""
-    return _count_calls(monkeypatch, attention_hopper_backward, "attention_backward_hopper")
+    return count_calls(monkeypatch, attention_hopper_backward, "attention_backward_hopper")
 
 
 def _forward(q, k, v, q_offsets, k_offsets, causal, max_len, hopper, monkeypatch):
@@ -91,28 +75,6 @@ def check_hopper(q_lengths, k_lengths, heads, head_dim, dtype, causal, max_len, 
     assert hopper_calls == [True, True, True]
 
 
-def check_graph_replay(run, changed):
-    """Capture ``run`` (a tensor or a tuple of them out) in a CUDA graph after a warm-up on a side
-    stream, give ``changed`` (one of its inputs) new values and replay: the replay must recompute,
-    bit for bit what an eager call gives. ``run`` is called four times."""
-    expected = run()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
-    changed.copy_(random_values(changed.shape, changed.dtype))
-    graph.replay()
-    torch.cuda.synchronize()
-    as_tuple = (lambda x: x if isinstance(x, tuple) else (x,))
-    assert not torch.equal(as_tuple(captured)[0], as_tuple(expected)[0]), "the replay did not recompute"
-    for got, want in zip(as_tuple(captured), as_tuple(run())):
-        assert torch.equal(got, want)
-
-
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 # Long rows take the Gluon kernel at D=128 only (64-key tiles, the softmax overlapped).
@@ -146,8 +108,8 @@ def test_property(lengths, heads, head_dim, causal, data):
     if skew:  # one long row among short ones
         lengths[data.draw(st.integers(0, len(lengths) - 1))] = 900 if head_dim == 128 else 500
     with pytest.MonkeyPatch.context() as monkeypatch:
-        calls = _count_calls(monkeypatch, attention_hopper, "attention_forward_hopper")
-        backward_calls = _count_calls(monkeypatch, attention_hopper_backward, "attention_backward_hopper")
+        calls = count_calls(monkeypatch, attention_hopper, "attention_forward_hopper")
+        backward_calls = count_calls(monkeypatch, attention_hopper_backward, "attention_backward_hopper")
         check_hopper(lengths, lengths, heads, head_dim, torch.bfloat16, causal, max(lengths), monkeypatch, calls,
                      backward_calls, self_attention=True)
 

@@ -24,15 +24,15 @@ def test_attention_kernels_compile_for_sm90():
     assert result.stdout.count("compiled ") == 16, result.stdout
 
 
-def test_hopper_attention_kernel_compiles_for_sm90():
-    """The Gluon forward and backward (ops/attention_hopper.py, attention_hopper_backward.py) with
+def test_hopper_kernels_compile_for_sm90():
+    """The Gluon kernels (ops/attention_hopper.py, attention_hopper_backward.py, bmm_hopper.py) with
     the installed Triton: Gluon's API moves between releases (3.6 and 3.9 name the TMA load
     differently), and the interpreter cannot run Gluon, so this is the CPU's only check of them."""
     pytest.importorskip("triton.backends.nvidia")
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    script = Path(__file__).with_name("_compile_attention_hopper.py")
+    script = Path(__file__).with_name("_compile_hopper.py")
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
-    assert result.stdout.count("compiled ") == 24 + 12, result.stdout
+    assert result.stdout.count("compiled ") == 24 + 12 + 16, result.stdout

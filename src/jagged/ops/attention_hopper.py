@@ -22,9 +22,8 @@ session 20): B=256 max_L=256 H=4 D=64 uniform 45.6 -> 40.7, skewed 24.4 -> 22.4,
 36.7; max_L=512 uniform 106.5 -> 95.8; D=32 H=8 57.7 -> 52.1; D=128 72.8 -> 66.0; B=64 max_L=1024
 D=128 91 -> 77 (64-key tiles, softmax overlapped with the previous tile's P V).
 
-Gluon is Triton's experimental layer: its API has changed between releases (Triton 3.6 names the
-TMA load ``async_copy_global_to_shared``, 3.9 ``async_load``). Should a release fail to compile
-this kernel, the launcher warns once and the library keeps the Triton kernel.
+Gluon's API moves between Triton releases (ops/_gluon.py): should a release fail to compile this
+kernel, the launcher warns once and the library keeps the Triton kernel.
 """
 
 from __future__ import annotations
@@ -37,50 +36,29 @@ import torch
 import triton
 from triton.compiler.errors import CompilationError
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
-    gluon = None
-
+from . import _gluon
+from ._gluon import (DTYPES as _DTYPES, fence_async_shared, gl, gluon, is_sm90 as _is_sm90, matrix_descriptor,
+                     mbarrier, warpgroup_mma, warpgroup_mma_wait)
 from ._launch import fast_launch
 from ._utils import TRITON_INTERPRETER, next_power_of_2, scan_width
 
 # JAGGED_HOPPER_ATTENTION=0 keeps every call on the Triton kernel (A/B timing, tests).
 ENABLED = os.environ.get("JAGGED_HOPPER_ATTENTION", "1") != "0"
 _HEAD_DIMS = (32, 64, 128)
-_DTYPES = (torch.bfloat16, torch.float16)
 _FAILED: set = set()  # launch configurations this Triton failed to compile
 
 if gluon is not None:
-    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-    _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier  # 3.9 / 3.6 names
-
-    @gluon.constexpr_function
-    def _store_layout(head_dim, num_warps):
-        # 8 elements (16 bytes) a thread, a warp's threads along whole rows
-        per_row = min(head_dim // 8, 32)
-        return gl.BlockedLayout([1, 8], [32 // per_row, per_row], [num_warps, 1], [1, 0])
-
-    @gluon.constexpr_function
-    def _mma_layout(num_warps, columns):
-        """The wgmma accumulator layout of a [16 * num_warps, columns] tile."""
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, columns, 16])
+    _tma_load = _gluon.tma_load
+    _cta_barrier = _gluon.cta_barrier
+    _store_layout = _gluon.store_layout
+    _mma_layout = _gluon.mma_layout
 
     @gluon.jit
     def _store_rows(ptr, acc, first, length, begin, stride_t, stride_h, head, HEAD_D: gl.constexpr,
                     num_warps: gl.constexpr):
-        """Store a [BLOCK, HEAD_D] float32 accumulator as rows first.. of a row (16-byte vectors),
-        the rows at or past ``length`` left out."""
-        layout: gl.constexpr = _store_layout(HEAD_D, num_warps)
-        values = gl.convert_layout(acc.to(ptr.dtype.element_ty), layout)
-        rows = first + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
-        offs = gl.expand_dims((begin + rows) * stride_t + head * stride_h, 1) + gl.expand_dims(cols, 0)
-        gl.store(ptr + offs, values, mask=gl.expand_dims(rows < length, 1))
+        """Store a [BLOCK, HEAD_D] float32 accumulator as rows first.. of a row, head ``head``
+        (16-byte vectors), the rows at or past ``length`` left out."""
+        _gluon.store_rows(ptr, acc, first, length, begin, stride_t, head * stride_h, HEAD_D, HEAD_D, num_warps)
 
     @gluon.jit
     def _slot_row(offsets_ptr, slot, batch_size, BLOCK_M: gl.constexpr, SCAN: gl.constexpr,
@@ -277,16 +255,6 @@ def _tiles(head_dim: int, max_len: Optional[int]) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, STAGES=3, OVERLAP=False, num_warps=4)
 
 
-_SM90: dict = {}
-
-
-def _is_sm90(device: torch.device) -> bool:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM90:
-        _SM90[index] = torch.cuda.get_device_capability(index)[0] == 9
-    return _SM90[index]
-
-
 def _tma_ready(x: torch.Tensor) -> bool:
     """[T, H, D] that TMA can read as a [T, H * D] matrix: heads adjacent, 16-byte aligned rows."""
     heads, dim = x.shape[1], x.shape[2]
@@ -330,29 +298,10 @@ def hopper_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return hopper_inputs_supported((q, k, v), q_offsets, scale, plain_softmax, int32_offsets, ENABLED)
 
 
-_TEMPLATES: dict = {}
-
-
 def _descriptor(x: torch.Tensor, block: list) -> "TensorDescriptor":
-    """A TMA descriptor of [T, H, D] ``x`` as the matrix [T, H * D] with boxes ``block``. The first
-    one of a dtype and block is built (and validated) by TensorDescriptor; later ones copy it with
-    the new tensor, shape and strides, skipping the validation (about 3 us a descriptor on the
-    CPU machine, several a call): _tma_ready has checked what it checks, and every caller has
-    T > 0."""
-    key = (x.dtype, *block)
-    heads, dim = x.shape[1], x.shape[2]
-    shape, strides = [x.shape[0], heads * dim], [x.stride(0), 1]
-    template = _TEMPLATES.get(key)
-    if template is None:
-        element = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-        descriptor = TensorDescriptor(x, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, element))
-        template = _TEMPLATES[key] = object.__new__(TensorDescriptor)
-        template.__dict__.update(descriptor.__dict__, base=None)  # no reference kept to x
-        return descriptor
-    descriptor = object.__new__(TensorDescriptor)
-    descriptor.__dict__.update(template.__dict__)
-    descriptor.base, descriptor.shape, descriptor.strides = x, shape, strides
-    return descriptor
+    """A TMA descriptor of [T, H, D] ``x`` as the matrix [T, H * D] with boxes ``block``
+    (_tma_ready has checked it; every caller has T > 0)."""
+    return matrix_descriptor(x, [x.shape[0], x.shape[1] * x.shape[2]], x.stride(0), block)
 
 
 def attention_forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,

@@ -28,16 +28,9 @@ import triton
 from triton.compiler.errors import CompilationError
 
 from . import attention_hopper
+from ._gluon import fence_async_shared, gl, gluon, mbarrier, warpgroup_mma, warpgroup_mma_wait
 from ._launch import fast_launch
 from ._utils import next_power_of_2
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
-    gluon = None
 
 # JAGGED_HOPPER_ATTENTION_BACKWARD=0 keeps every backward on the Triton kernel.
 ENABLED = os.environ.get("JAGGED_HOPPER_ATTENTION_BACKWARD", "1") != "0"

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from . import bmm_hopper
 from ._library import jagged_op
 from ._launch import fast_launch
 from ._rows import row_block, row_span, slot_row_block
@@ -178,6 +179,8 @@ def _launch_jagged_dense_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Te
     batch_size, n_dim = offsets.numel() - 1, y.shape[2]
     out = torch.empty((total, n_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
+        return out
+    if bmm_hopper.hopper_bmm_supported(x, y, offsets) and bmm_hopper.jagged_dense_bmm_hopper(x, y, offsets, out):
         return out
     tiles = dict(_dense_bmm_tiles(k_dim, n_dim, x.element_size()))
     programs_per_sm = tiles.pop("PROGRAMS_PER_SM", 0)

@@ -1,6 +1,6 @@
-"""Compile the Gluon (Hopper) attention forward and backward for an H100 (sm_90) without running
-them; run by tests/test_kernel_compile.py in a process without the interpreter. Prints one line
-per variant."""
+"""Compile the Gluon (Hopper) kernels for an H100 (sm_90) without running them: the attention
+forward and backward and jagged_dense_bmm; run by tests/test_kernel_compile.py in a process
+without the interpreter. Prints one line per variant."""
 
 import torch
 import triton
@@ -8,7 +8,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 
-from jagged.ops import attention_hopper, attention_hopper_backward
+from jagged.ops import _gluon, attention_hopper, attention_hopper_backward, bmm_hopper
 
 
 def _pointer(dtype):
@@ -69,6 +69,25 @@ def backward():
                 print("compiled backward", head_dim, dtype, causal, flush=True)
 
 
+def jagged_dense_bmm():
+    kernel = bmm_hopper._jagged_dense_bmm_hopper_kernel
+    kernel = getattr(kernel, "kernel", kernel)  # ops/_launch.py: FastLaunch
+    for k_dim, n_dim in ((128, 128), (256, 256), (48, 24), (64, 200)):
+        tiles = bmm_hopper._tiles(k_dim, n_dim)
+        for dtype in (torch.bfloat16, torch.float16):
+            for transposed in (False, True):
+                x = torch.empty(1024, 256, dtype=dtype)
+                y_box = [tiles["BLOCK_N"], tiles["BLOCK_K"]] if transposed else [tiles["BLOCK_K"], tiles["BLOCK_N"]]
+                signature = dict(
+                    x_desc=mangle_type(_gluon.matrix_descriptor(x, [1024, k_dim], 256, [tiles["BLOCK_M"], tiles["BLOCK_K"]])),
+                    y_desc=mangle_type(_gluon.matrix_descriptor(x, [1024, 256], 256, y_box)), out_ptr=_pointer(dtype),
+                    offsets_ptr="*i64", batch_size="i32", search_stride="i32", stride_ot="i32")
+                constexprs = dict(K=k_dim, N=n_dim, Y_TRANSPOSED=transposed, **tiles)
+                _compile(kernel, signature, constexprs, tiles["num_warps"])
+                print("compiled jagged_dense_bmm", k_dim, n_dim, dtype, transposed, flush=True)
+
+
 if __name__ == "__main__":
     main()
     backward()
+    jagged_dense_bmm()

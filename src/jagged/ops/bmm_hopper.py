@@ -1,0 +1,180 @@
+"""jagged_dense_bmm for Hopper (sm_90), written in Gluon: the kernel, its launcher, and the rule
+for when ops/bmm.py's jagged_dense_bmm (forward, and its dx = dout y^T) takes it.
+
+The kernel computes what ops/bmm.py's Triton kernel computes, with the same work slots: one
+program per block of BLOCK_M tokens of one row, all N output columns (N <= 256), the row's own
+[K, N] matrix. It differs in how data moves: x and y tiles arrive by TMA into a ring of
+shared-memory stages guarded by mbarriers (y read as the matrix [B * K, N], or for a transposed
+y, the [B * N, K] it is a view of), the matmul is an async wgmma, and the output leaves in
+16-byte row vectors. TMA reads a row's last x tile whole, taking in tokens of the next row: their
+output rows are computed and never stored, and no other output row reads them.
+
+H100, bf16, CUDA-graph replay (benchmarks/NOTES.md, session 22), TFLOP/s, Triton -> Gluon:
+B=1024 max_L=512 D=128 skewed 85.7 -> 89.0, uniform 121 -> 129; B=256 max_L=1024 D=256 skewed 150
+-> 157, uniform 230 -> 236; dx (y transposed) at D=128 78 -> 89 and 110 -> 129. At D=128 skewed the
+kernel moves its 88.5 MB faster than torch's copy of as many bytes (39.6 vs 42.5 us).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+from triton.compiler.errors import CompilationError
+
+from . import _gluon
+from ._gluon import DTYPES, gl, gluon, is_sm90, matrix_descriptor, mbarrier, warpgroup_mma, warpgroup_mma_wait
+from ._launch import fast_launch
+from ._utils import TRITON_INTERPRETER, next_power_of_2, slot_search
+
+# JAGGED_HOPPER_BMM=0 keeps every jagged_dense_bmm on the Triton kernel.
+ENABLED = os.environ.get("JAGGED_HOPPER_BMM", "1") != "0"
+_FAILED: set = set()
+MAX_N = 256  # one column block: the wgmma's widest tile
+BLOCK_M = 64
+
+if gluon is not None:
+    _tma_load = _gluon.tma_load
+    _store_rows = _gluon.store_rows
+    _mma_layout = _gluon.mma_layout
+
+    @gluon.jit
+    def _find_slot_row(offsets_ptr, slot, batch_size, search_stride, BLOCK: gl.constexpr, num_warps: gl.constexpr):
+        """ops/_rows.py: find_slot_row (the 32-way search: 32 keys a level, 2 levels up to B =
+        1024) and row_block in Gluon, int32: a work slot's row, the row's begin and length, and
+        the slot's block in the row."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        lane = gl.arange(0, 32, layout=layout)
+        lo = slot * 0
+        stride = search_stride
+        while stride > 0:
+            probe = lo + lane * stride
+            inside = probe < batch_size
+            key = gl.load(offsets_ptr + probe, mask=inside, other=0).to(gl.int32) // BLOCK + probe
+            # Keys do not decrease, so the probes <= slot are a prefix (probe 0 = lo always is one).
+            lo += (gl.sum((inside & (key <= slot)).to(gl.int32), 0) - 1) * stride
+            stride = stride // 32
+        begin = gl.load(offsets_ptr + lo).to(gl.int32)
+        length = gl.load(offsets_ptr + lo + 1).to(gl.int32) - begin
+        return lo, begin, length, slot - (begin // BLOCK + lo)
+
+    @gluon.jit
+    def _load_k_tile(x_desc, y_desc, x_smem, y_smem, bars, i, x_row, y_row, BLOCK_K: gl.constexpr,
+                     STAGES: gl.constexpr, Y_TRANSPOSED: gl.constexpr):
+        """TMA-load the i-th BLOCK_K slice of the reduction (x's columns, y's rows) into its stage."""
+        stage = i % STAGES
+        bar = bars.index(stage)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + y_desc.block_type.nbytes)
+        _tma_load(x_desc, [x_row, i * BLOCK_K], bar, x_smem.index(stage))
+        if Y_TRANSPOSED:  # y^T's rows: [N, BLOCK_K] boxes of the [B * N, K] matrix
+            _tma_load(y_desc, [y_row, i * BLOCK_K], bar, y_smem.index(stage))
+        else:
+            _tma_load(y_desc, [y_row + i * BLOCK_K, 0], bar, y_smem.index(stage))
+
+    @fast_launch
+    @gluon.jit
+    def _jagged_dense_bmm_hopper_kernel(
+        x_desc, y_desc, out_ptr, offsets_ptr, batch_size, search_stride, stride_ot,
+        K: gl.constexpr, N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+        STAGES: gl.constexpr, Y_TRANSPOSED: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        row, begin, length, block = _find_slot_row(offsets_ptr, gl.program_id(0), batch_size, search_stride, BLOCK_M,
+                                                   num_warps)
+        if block * BLOCK_M < length:  # else a spare slot
+            K_TILES: gl.constexpr = K // BLOCK_K
+            x_row = begin + block * BLOCK_M
+            y_row = row * (N if Y_TRANSPOSED else K)
+            x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+            y_smem = gl.allocate_shared_memory(y_desc.dtype, [STAGES] + y_desc.block_type.shape, y_desc.layout)
+            bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(bars.index(i), count=1)
+            for i in gl.static_range(STAGES):
+                _load_k_tile(x_desc, y_desc, x_smem, y_smem, bars, i, x_row, y_row, BLOCK_K, STAGES, Y_TRANSPOSED)
+            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=_mma_layout(num_warps, BLOCK_N))
+            for i in gl.static_range(K_TILES):
+                stage = i % STAGES
+                mbarrier.wait(bars.index(stage), (i // STAGES) & 1)
+                if Y_TRANSPOSED:
+                    y_tile = y_smem.index(stage).permute((1, 0))
+                else:
+                    y_tile = y_smem.index(stage)
+                acc = warpgroup_mma(x_smem.index(stage), y_tile, acc, is_async=True)
+                if i + STAGES < K_TILES:  # the stage is refilled once its wgmma has read it
+                    acc = warpgroup_mma_wait(0, deps=(acc, ))
+                    _load_k_tile(x_desc, y_desc, x_smem, y_smem, bars, i + STAGES, x_row, y_row, BLOCK_K, STAGES,
+                                 Y_TRANSPOSED)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            for i in gl.static_range(STAGES):
+                mbarrier.invalidate(bars.index(i))
+            # int64 positions: T * N may pass 2^31
+            _store_rows(out_ptr, acc, block * BLOCK_M, length, begin.to(gl.int64), stride_ot, 0, BLOCK_N, N, num_warps)
+
+
+def _tiles(k_dim: int, n_dim: int) -> dict:
+    """64 tokens x all N columns (a power of two >= N), K in slices of 64 (or the largest of 32 and
+    16 that divides it) through 2 stages, one warpgroup. H100, bf16 (benchmarks/NOTES.md session
+    22): at D=128 the two slices are the whole reduction; at D=256 2 stages of 64 beat 4 of 32
+    (157 vs 155 TFLOP/s skewed) and 128-token tiles with 8 warps (144)."""
+    block_k = 64 if k_dim % 64 == 0 else 32 if k_dim % 32 == 0 else 16
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=max(next_power_of_2(n_dim), 16), BLOCK_K=block_k,
+                STAGES=min(2, k_dim // block_k), num_warps=4)
+
+
+def _y_transposed(y: torch.Tensor) -> bool:
+    return y.stride(2) != 1
+
+
+def hopper_bmm_supported(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> bool:
+    """Whether jagged_dense_bmm of these (validated) operands runs on the Gluon kernel: Gluon, an
+    sm_90 GPU, 16-bit x and y, K a multiple of 16, N a multiple of 8 up to 256, TMA-readable
+    operands (x rows and y's matrix rows 16-byte aligned with unit stride; y's B matrices one
+    after another, row-major or transposed), and every coordinate and position within int32."""
+    if gluon is None or not ENABLED or TRITON_INTERPRETER or not x.is_cuda or not is_sm90(x.device):
+        return False
+    total, k_dim = x.shape
+    batch_size, n_dim = y.shape[0], y.shape[2]
+    if x.dtype not in DTYPES or k_dim % 16 or n_dim % 8 or n_dim > MAX_N or total == 0:
+        return False
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.stride(0) < k_dim or x.data_ptr() % 16 or y.data_ptr() % 16:
+        return False
+    if _y_transposed(y):  # y[b] = m[b]^T for a [B, N, K] m with rows of stride y.stride(2)
+        inner, rows, row_stride = y.stride(1), n_dim, y.stride(2)
+    else:
+        inner, rows, row_stride = y.stride(2), k_dim, y.stride(1)
+    if inner != 1 or row_stride % 8 or (batch_size > 1 and y.stride(0) != rows * row_stride):
+        return False
+    return total < 2 ** 31 - BLOCK_M * 2 and batch_size * max(k_dim, n_dim) < 2 ** 31 and offsets.numel() < 2 ** 30
+
+
+def jagged_dense_bmm_hopper(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> bool:
+    """Fill ``out`` [T, N] with each row's x block times its y matrix, for operands that
+    hopper_bmm_supported accepted. Returns False, having written nothing, if this Triton cannot
+    compile the kernel (warned once per configuration); the caller then runs the Triton kernel."""
+    total, k_dim = x.shape
+    batch_size, n_dim = offsets.numel() - 1, y.shape[2]
+    transposed = _y_transposed(y)
+    tiles = _tiles(k_dim, n_dim)
+    key = (k_dim, n_dim, x.dtype, transposed)
+    if key in _FAILED:
+        return False
+    block_n, block_k = tiles["BLOCK_N"], tiles["BLOCK_K"]
+    if transposed:
+        y_desc = matrix_descriptor(y, [batch_size * n_dim, k_dim], y.stride(2), [block_n, block_k])
+    else:
+        y_desc = matrix_descriptor(y, [batch_size * k_dim, n_dim], y.stride(1), [block_k, block_n])
+    x_desc = matrix_descriptor(x, [total, k_dim], x.stride(0), [BLOCK_M, block_k])
+    try:
+        _jagged_dense_bmm_hopper_kernel[(batch_size + total // BLOCK_M,)](
+            x_desc, y_desc, out, offsets, batch_size, slot_search(batch_size), out.stride(0),
+            K=k_dim, N=n_dim, Y_TRANSPOSED=transposed, **tiles)
+    except (CompilationError, AttributeError, TypeError, ValueError) as error:
+        # Gluon's API moves between releases: keep the library working on the Triton kernel.
+        _FAILED.add(key)
+        warnings.warn(f"jagged: the Hopper jagged_dense_bmm kernel did not compile with Triton {triton.__version__} "
+                      f"({type(error).__name__}: {str(error)[:200]}); using the Triton kernel", RuntimeWarning,
+                      stacklevel=3)
+        return False
+    return True
