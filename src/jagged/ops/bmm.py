@@ -180,7 +180,7 @@ def _launch_jagged_dense_bmm(x: torch.Tensor, y: torch.Tensor, offsets: torch.Te
     out = torch.empty((total, n_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    if bmm_hopper.hopper_bmm_supported(x, y, offsets) and bmm_hopper.jagged_dense_bmm_hopper(x, y, offsets, out):
+    if bmm_hopper.jagged_dense_bmm_hopper(x, y, offsets, out):  # Hopper, 16-bit: the Gluon kernel
         return out
     tiles = dict(_dense_bmm_tiles(k_dim, n_dim, x.element_size()))
     programs_per_sm = tiles.pop("PROGRAMS_PER_SM", 0)

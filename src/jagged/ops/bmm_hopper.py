@@ -17,6 +17,7 @@ kernel moves its 88.5 MB faster than torch's copy of as many bytes (39.6 vs 42.5
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -113,6 +114,7 @@ if gluon is not None:
             _store_rows(out_ptr, acc, block * BLOCK_M, length, begin.to(gl.int64), stride_ot, 0, BLOCK_N, N, num_warps)
 
 
+@functools.lru_cache(maxsize=None)
 def _tiles(k_dim: int, n_dim: int) -> dict:
     """64 tokens x all N columns (a power of two >= N), K in slices of 64 (or the largest of 32 and
     16 that divides it) through 2 stages, one warpgroup. H100, bf16 (benchmarks/NOTES.md session
@@ -123,8 +125,26 @@ def _tiles(k_dim: int, n_dim: int) -> dict:
                 STAGES=min(2, k_dim // block_k), num_warps=4)
 
 
-def _y_transposed(y: torch.Tensor) -> bool:
-    return y.stride(2) != 1
+def _y_matrix(x: torch.Tensor, y: torch.Tensor):
+    """How the kernel reads y, or None if it cannot: (transposed, rows of the 2-D matrix it reads,
+    their stride). y[b] is read as rows b * K.. of a [B * K, N] matrix, or, transposed (y[b] =
+    m[b]^T for a [B, N, K] m), rows b * N.. of a [B * N, K] one. Also checks what the kernel needs
+    of x and of the sizes (see hopper_bmm_supported)."""
+    if x.dtype not in DTYPES or not x.is_cuda:
+        return None
+    (total, k_dim), (batch_size, _, n_dim) = x.shape, y.shape
+    (x_row, x_col), (y_batch, y_row, y_col) = x.stride(), y.stride()
+    if k_dim % 16 or n_dim % 8 or n_dim > MAX_N or total == 0 or x_col != 1 or x_row % 8 or x_row < k_dim:
+        return None
+    transposed = y_col != 1
+    inner, rows, row_stride = (y_row, n_dim, y_col) if transposed else (y_col, k_dim, y_row)
+    if inner != 1 or row_stride % 8 or (batch_size > 1 and y_batch != rows * row_stride):
+        return None
+    if x.data_ptr() % 16 or y.data_ptr() % 16 or total >= 2 ** 31 - 2 * BLOCK_M or batch_size * rows >= 2 ** 31:
+        return None
+    if gluon is None or not ENABLED or TRITON_INTERPRETER or not is_sm90(x.device):
+        return None
+    return transposed, batch_size * rows, row_stride
 
 
 def hopper_bmm_supported(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> bool:
@@ -132,39 +152,28 @@ def hopper_bmm_supported(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor
     sm_90 GPU, 16-bit x and y, K a multiple of 16, N a multiple of 8 up to 256, TMA-readable
     operands (x rows and y's matrix rows 16-byte aligned with unit stride; y's B matrices one
     after another, row-major or transposed), and every coordinate and position within int32."""
-    if gluon is None or not ENABLED or TRITON_INTERPRETER or not x.is_cuda or not is_sm90(x.device):
-        return False
-    total, k_dim = x.shape
-    batch_size, n_dim = y.shape[0], y.shape[2]
-    if x.dtype not in DTYPES or k_dim % 16 or n_dim % 8 or n_dim > MAX_N or total == 0:
-        return False
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.stride(0) < k_dim or x.data_ptr() % 16 or y.data_ptr() % 16:
-        return False
-    if _y_transposed(y):  # y[b] = m[b]^T for a [B, N, K] m with rows of stride y.stride(2)
-        inner, rows, row_stride = y.stride(1), n_dim, y.stride(2)
-    else:
-        inner, rows, row_stride = y.stride(2), k_dim, y.stride(1)
-    if inner != 1 or row_stride % 8 or (batch_size > 1 and y.stride(0) != rows * row_stride):
-        return False
-    return total < 2 ** 31 - BLOCK_M * 2 and batch_size * max(k_dim, n_dim) < 2 ** 31 and offsets.numel() < 2 ** 30
+    return _y_matrix(x, y) is not None and offsets.numel() < 2 ** 30
 
 
 def jagged_dense_bmm_hopper(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> bool:
-    """Fill ``out`` [T, N] with each row's x block times its y matrix, for operands that
-    hopper_bmm_supported accepted. Returns False, having written nothing, if this Triton cannot
-    compile the kernel (warned once per configuration); the caller then runs the Triton kernel."""
-    total, k_dim = x.shape
-    batch_size, n_dim = offsets.numel() - 1, y.shape[2]
-    transposed = _y_transposed(y)
+    """Fill ``out`` [T, N] with each row's x block times its y matrix, if hopper_bmm_supported
+    accepts the operands and this Triton compiles the kernel (else it warns once per
+    configuration). Returns whether it did; if not, it wrote nothing and the caller runs the
+    Triton kernel. One function, so that the host checks the operands once (eager calls are
+    host-bound at the sizes where the kernel takes 50-70 us)."""
+    matrix = _y_matrix(x, y)
+    batch_size = offsets.numel() - 1
+    if matrix is None or batch_size >= 2 ** 30:
+        return False
+    transposed, y_rows, y_row_stride = matrix
+    (total, k_dim), n_dim = x.shape, y.shape[2]
     tiles = _tiles(k_dim, n_dim)
     key = (k_dim, n_dim, x.dtype, transposed)
     if key in _FAILED:
         return False
     block_n, block_k = tiles["BLOCK_N"], tiles["BLOCK_K"]
-    if transposed:
-        y_desc = matrix_descriptor(y, [batch_size * n_dim, k_dim], y.stride(2), [block_n, block_k])
-    else:
-        y_desc = matrix_descriptor(y, [batch_size * k_dim, n_dim], y.stride(1), [block_k, block_n])
+    y_desc = matrix_descriptor(y, [y_rows, k_dim] if transposed else [y_rows, n_dim], y_row_stride,
+                               [block_n, block_k] if transposed else [block_k, block_n])
     x_desc = matrix_descriptor(x, [total, k_dim], x.stride(0), [BLOCK_M, block_k])
     try:
         _jagged_dense_bmm_hopper_kernel[(batch_size + total // BLOCK_M,)](
