@@ -18,10 +18,16 @@ from helpers import (LENGTH_PATTERNS, SM90, assert_close, check_graph_replay, co
 gpu_only = pytest.mark.skipif(not SM90, reason="Gluon's Hopper kernel needs an sm_90 GPU")
 
 
+def _count_bmm_calls(monkeypatch):
+    """Record whether the Gluon kernel served each jagged_dense_bmm launch, with the size floor
+    off (the tests' operands are small)."""
+    monkeypatch.setattr(bmm_hopper, "MIN_BYTES", 0)
+    return count_calls(monkeypatch, bmm_hopper, "jagged_dense_bmm_hopper")
+
+
 @pytest.fixture
 def bmm_calls(monkeypatch):
-    """Whether the Gluon kernel served each jagged_dense_bmm launch."""
-    return count_calls(monkeypatch, bmm_hopper, "jagged_dense_bmm_hopper")
+    return _count_bmm_calls(monkeypatch)
 
 
 def _operands(lengths, k_dim, n_dim, dtype, transposed_y, offsets_dtype=torch.int64):
@@ -83,7 +89,7 @@ def test_hopper_bmm_patterns(lengths, monkeypatch, bmm_calls):
 def test_hopper_bmm_property(lengths, k_dim, n_dim, transposed_y, offsets_dtype):
     with pytest.MonkeyPatch.context() as monkeypatch:
         check_hopper_bmm(lengths, k_dim, n_dim, torch.bfloat16, transposed_y, monkeypatch,
-                         count_calls(monkeypatch, bmm_hopper, "jagged_dense_bmm_hopper"), offsets_dtype)
+                         _count_bmm_calls(monkeypatch), offsets_dtype)
 
 
 @gpu_only
@@ -152,3 +158,17 @@ def test_unsupported_bmm_keeps_the_triton_kernel(bmm_calls):
         assert_close(out, reference.jagged_dense_bmm(x_values.double(), offsets, y.double()),
                      tol="tf32" if x_values.dtype == torch.float32 else x_values.dtype)
     assert bmm_calls == [False] * len(cases)
+
+
+@gpu_only
+def test_small_bmm_keeps_the_triton_kernel(monkeypatch):
+    """Below MIN_BYTES the Triton kernel serves (the Gluon launch's host time would cost more than
+    its GPU time saves); at it, the Gluon kernel."""
+    calls = count_calls(monkeypatch, bmm_hopper, "jagged_dense_bmm_hopper")
+    rows = (bmm_hopper.MIN_BYTES - 2 * 128 * 128) // (2 * (128 + 128))  # x, out and one 128 x 128 y: the floor
+    offsets = make_offsets([rows])
+    x_values, y = random_values((rows, 128), torch.bfloat16), random_values((1, 128, 128), torch.bfloat16)
+    small = bmm._launch_jagged_dense_bmm(x_values[:-1], y, make_offsets([rows - 1]))
+    at_floor = bmm._launch_jagged_dense_bmm(x_values, y, offsets)
+    assert calls == [False, True]
+    assert_close(small, at_floor[:-1], tol=torch.bfloat16)

@@ -35,6 +35,12 @@ ENABLED = os.environ.get("JAGGED_HOPPER_BMM", "1") != "0"
 _FAILED: set = set()
 MAX_N = 256  # one column block: the wgmma's widest tile
 BLOCK_M = 64
+# Calls that move fewer bytes (x, y, out) stay on the Triton kernel: the Gluon launch costs ~15-25
+# us more host time (Triton's launcher encodes its TMA descriptors per call), and below ~24 MB (a
+# ~10 us kernel) it saves under a microsecond of GPU time. H100, B=512 max_L=256 D=64 (20 MB):
+# graph 14.9 -> 14.1 us, but eager (triton.testing.do_bench) 36 -> 11 TFLOP/s (benchmarks/NOTES.md,
+# session 22).
+MIN_BYTES = 24 << 20
 
 if gluon is not None:
     _tma_load = _gluon.tma_load
@@ -136,6 +142,8 @@ def _y_matrix(x: torch.Tensor, y: torch.Tensor):
     (x_row, x_col), (y_batch, y_row, y_col) = x.stride(), y.stride()
     if k_dim % 16 or n_dim % 8 or n_dim > MAX_N or total == 0 or x_col != 1 or x_row % 8 or x_row < k_dim:
         return None
+    if (total * (k_dim + n_dim) + batch_size * k_dim * n_dim) * 2 < MIN_BYTES:
+        return None
     transposed = y_col != 1
     inner, rows, row_stride = (y_row, n_dim, y_col) if transposed else (y_col, k_dim, y_row)
     if inner != 1 or row_stride % 8 or (batch_size > 1 and y_batch != rows * row_stride):
@@ -149,8 +157,8 @@ def _y_matrix(x: torch.Tensor, y: torch.Tensor):
 
 def hopper_bmm_supported(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> bool:
     """Whether jagged_dense_bmm of these (validated) operands runs on the Gluon kernel: Gluon, an
-    sm_90 GPU, 16-bit x and y, K a multiple of 16, N a multiple of 8 up to 256, TMA-readable
-    operands (x rows and y's matrix rows 16-byte aligned with unit stride; y's B matrices one
+    sm_90 GPU, 16-bit x and y, at least MIN_BYTES to move, K a multiple of 16, N a multiple of 8
+    up to 256, TMA-readable operands (x rows and y's matrix rows 16-byte aligned with unit stride; y's B matrices one
     after another, row-major or transposed), and every coordinate and position within int32."""
     return _y_matrix(x, y) is not None and offsets.numel() < 2 ** 30
 
