@@ -4,6 +4,8 @@ close to the Triton kernel, rows isolated from each other's non-finite values, c
 CUDA graph, and not taken where it does not apply. The interpreter cannot run Gluon: these run on
 an sm_90 GPU only (tests/test_kernel_compile.py compiles the kernel on the CPU)."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -172,3 +174,27 @@ def test_small_bmm_keeps_the_triton_kernel(monkeypatch):
     at_floor = bmm._launch_jagged_dense_bmm(x_values, y, offsets)
     assert calls == [False, True]
     assert_close(small, at_floor[:-1], tol=torch.bfloat16)
+
+
+class _BrokenKernel:
+    """A Gluon kernel whose launch fails as a Triton with another Gluon API would."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise AttributeError("module 'tma' has no attribute 'async_load'")
+        return launch
+
+
+@gpu_only
+def test_failed_compile_falls_back_to_triton_with_one_warning(monkeypatch, bmm_calls):
+    monkeypatch.setattr(bmm_hopper, "_jagged_dense_bmm_hopper_kernel", _BrokenKernel())
+    monkeypatch.setattr(bmm_hopper, "_FAILED", set())
+    offsets = make_offsets([20, 90])
+    x_values, y = random_values((110, 64), torch.bfloat16), random_values((2, 64, 64), torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="jagged_dense_bmm kernel did not compile"):
+        out = bmm._launch_jagged_dense_bmm(x_values, y, offsets)
+    assert_close(out, reference.jagged_dense_bmm(x_values.double(), offsets, y.double()), tol=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the configuration is not tried again
+        bmm._launch_jagged_dense_bmm(x_values, y, offsets)
+    assert bmm_calls == [False, False]

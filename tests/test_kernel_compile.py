@@ -36,3 +36,14 @@ def test_hopper_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     assert result.stdout.count("compiled ") == 24 + 12 + 16, result.stdout
+
+
+def test_compile_failure_is_recorded_and_warned():
+    """ops/_gluon.py: compile_failed, which every Gluon launcher calls when its kernel does not
+    compile (the launchers' fallback itself is tested on the GPU, tests/test_bmm_hopper.py)."""
+    from jagged.ops import _gluon
+
+    failed = set()
+    with pytest.warns(RuntimeWarning, match=r"Hopper demo kernel did not compile .*TypeError: bad"):
+        assert _gluon.compile_failed(failed, ("key", 1), "demo", TypeError("bad")) is False
+    assert failed == {("key", 1)}

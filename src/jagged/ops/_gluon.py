@@ -10,7 +10,11 @@ failed compile, warns once and leaves the call to its Triton kernel.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import triton
+from triton.compiler.errors import CompilationError
 
 try:
     from triton.experimental import gluon
@@ -22,6 +26,20 @@ except ImportError:  # a Triton without Gluon: the Triton kernels serve every ca
     gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = TensorDescriptor = None
 
 DTYPES = (torch.bfloat16, torch.float16)
+# What a Gluon kernel's first launch raises when this Triton's Gluon API differs from the one the
+# kernel was written for.
+COMPILE_ERRORS = (CompilationError, AttributeError, TypeError, ValueError)
+
+
+def compile_failed(failed: set, key, kernel_name: str, error: Exception) -> bool:
+    """Record that launch configuration ``key`` of a Gluon kernel did not compile (it is not tried
+    again) and warn once: the caller keeps the library working on its Triton kernel. Returns
+    False (the launcher's "not served")."""
+    failed.add(key)
+    warnings.warn(f"jagged: the Hopper {kernel_name} kernel did not compile with Triton {triton.__version__} "
+                  f"({type(error).__name__}: {str(error)[:200]}); using the Triton kernel", RuntimeWarning,
+                  stacklevel=4)
+    return False
 
 if gluon is not None:
     tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared

@@ -29,12 +29,9 @@ kernel, the launcher warns once and the library keeps the Triton kernel.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Optional
 
 import torch
-import triton
-from triton.compiler.errors import CompilationError
 
 from . import _gluon
 from ._gluon import (DTYPES as _DTYPES, fence_async_shared, gl, gluon, is_sm90 as _is_sm90, matrix_descriptor,
@@ -325,11 +322,6 @@ def attention_forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             _descriptor(v, [tiles["BLOCK_N"], head_dim]), out, lse, q_offsets, k_offsets, batch_size,
             scale * 1.4426950408889634, out.stride(0), out.stride(1), lse.stride(0),
             CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, **tiles)
-    except (CompilationError, AttributeError, TypeError, ValueError) as error:
-        # Gluon's API moves between releases: keep the library working on the Triton kernel.
-        _FAILED.add(key)
-        warnings.warn(f"jagged: the Hopper attention kernel did not compile with Triton {triton.__version__} "
-                      f"({type(error).__name__}: {str(error)[:200]}); using the Triton kernel", RuntimeWarning,
-                      stacklevel=3)
-        return False
+    except _gluon.COMPILE_ERRORS as error:  # Gluon's API moves between releases
+        return _gluon.compile_failed(_FAILED, key, "attention forward", error)
     return True

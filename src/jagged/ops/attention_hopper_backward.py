@@ -20,14 +20,11 @@ kernel before it. As in the Hopper forward (ops/attention_hopper.py):
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Optional
 
 import torch
-import triton
-from triton.compiler.errors import CompilationError
 
-from . import attention_hopper
+from . import _gluon, attention_hopper
 from ._gluon import fence_async_shared, gl, gluon, mbarrier, warpgroup_mma, warpgroup_mma_wait
 from ._launch import fast_launch
 from ._utils import next_power_of_2
@@ -289,10 +286,6 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
             lse, delta, dq, dk, dv, q_offsets, k_offsets, batch_size, num_kv_slots, scale * 1.4426950408889634, scale,
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
             CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, **tiles)
-    except (CompilationError, AttributeError, TypeError, ValueError) as error:
-        _FAILED.add(key)
-        warnings.warn(f"jagged: the Hopper attention backward did not compile with Triton {triton.__version__} "
-                      f"({type(error).__name__}: {str(error)[:200]}); using the Triton kernel", RuntimeWarning,
-                      stacklevel=3)
-        return False
+    except _gluon.COMPILE_ERRORS as error:  # Gluon's API moves between releases
+        return _gluon.compile_failed(_FAILED, key, "attention backward", error)
     return True

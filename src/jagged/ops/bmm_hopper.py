@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
-import triton
-from triton.compiler.errors import CompilationError
 
 from . import _gluon
 from ._gluon import DTYPES, gl, gluon, is_sm90, matrix_descriptor, mbarrier, warpgroup_mma, warpgroup_mma_wait
@@ -187,11 +184,6 @@ def jagged_dense_bmm_hopper(x: torch.Tensor, y: torch.Tensor, offsets: torch.Ten
         _jagged_dense_bmm_hopper_kernel[(batch_size + total // BLOCK_M,)](
             x_desc, y_desc, out, offsets, batch_size, slot_search(batch_size), out.stride(0),
             K=k_dim, N=n_dim, Y_TRANSPOSED=transposed, **tiles)
-    except (CompilationError, AttributeError, TypeError, ValueError) as error:
-        # Gluon's API moves between releases: keep the library working on the Triton kernel.
-        _FAILED.add(key)
-        warnings.warn(f"jagged: the Hopper jagged_dense_bmm kernel did not compile with Triton {triton.__version__} "
-                      f"({type(error).__name__}: {str(error)[:200]}); using the Triton kernel", RuntimeWarning,
-                      stacklevel=3)
-        return False
+    except _gluon.COMPILE_ERRORS as error:  # Gluon's API moves between releases
+        return _gluon.compile_failed(_FAILED, key, "jagged_dense_bmm", error)
     return True
