@@ -52,21 +52,21 @@ def backward():
     for head_dim in (32, 64, 128):
         tiles = attention_hopper_backward._tiles(head_dim)
         for dtype in (torch.bfloat16, torch.float16):
-            for causal in (False, True):
+            for causal, fused_delta in ((False, True), (True, True), (False, False)):
                 x = torch.empty(1024, 2, head_dim, dtype=dtype)
                 signature = {}
                 programs = dict(kv=("KV_BLOCK_M", "KV_BLOCK_N"), dq=("Q_BLOCK_M", "Q_BLOCK_N"))
                 for program, (rows_q, rows_k) in programs.items():
-                    for name, rows in dict(q=rows_q, k=rows_k, v=rows_k, do=rows_q).items():
+                    for name, rows in dict(q=rows_q, k=rows_k, v=rows_k, do=rows_q, o=rows_q).items():
                         descriptor = attention_hopper._descriptor(x, [tiles[rows], head_dim])
                         signature[f"{program}_{name}_desc"] = mangle_type(descriptor)
                 signature.update(lse_ptr="*fp32", delta_ptr="*fp32", dq_ptr=_pointer(dtype), dk_ptr=_pointer(dtype),
                                  dv_ptr=_pointer(dtype), q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",
                                  num_kv_slots="i32", qk_scale="fp32", scale="fp32")
                 signature.update({name: "i32" for name in kernel.arg_names if name.startswith("stride")})
-                constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, **tiles)
+                constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, FUSED_DELTA=fused_delta, **tiles)
                 _compile(kernel, signature, constexprs, tiles["num_warps"])
-                print("compiled backward", head_dim, dtype, causal, flush=True)
+                print("compiled backward", head_dim, dtype, causal, fused_delta, flush=True)
 
 
 def jagged_dense_bmm():

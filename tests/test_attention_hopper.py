@@ -191,6 +191,33 @@ def test_backward_cuda_graph_capture(causal, backward_calls):
 
 
 @gpu_only
+@pytest.mark.parametrize("head_dim, max_len, fused", [(32, 300, True), (64, 500, True), (64, 600, False),
+                                                       (128, 200, False)])
+def test_backward_makes_delta_on_short_rows(head_dim, max_len, fused, monkeypatch):
+    """D <= 64 on rows of at most 512: the Gluon backward makes delta from O (no delta kernel);
+    elsewhere it reads the delta kernel's. Both give the gradients of the unfused path."""
+    deltas = []
+    launch = attention_hopper_backward.attention_backward_hopper
+
+    def recorded(do, q, k, v, lse, delta, *args, **kwargs):
+        deltas.append(delta is None)
+        return launch(do, q, k, v, lse, delta, *args, **kwargs)
+
+    monkeypatch.setattr(attention_hopper_backward, "attention_backward_hopper", recorded)
+    lengths = [max_len - 37, 0, max_len, 70]
+    offsets = make_offsets(lengths)
+    q, k, v, do = (random_values((sum(lengths), 2, head_dim), torch.bfloat16) for _ in range(4))
+    scale = 1 / math.sqrt(head_dim)
+    out, lse = attention._attention_forward(q, k, v, offsets, offsets, True, scale, max_len)
+    grads = attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, True, scale, max_len)[:3]
+    monkeypatch.setattr(attention_hopper_backward, "FUSED_DELTA", False)
+    unfused = attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, True, scale, max_len)[:3]
+    assert deltas == [fused, False]
+    for name, got, want in zip(("dq", "dk", "dv"), grads, unfused):
+        assert_close(got, want, tol=torch.bfloat16, name=name)
+
+
+@gpu_only
 def test_unsupported_backward_keeps_the_triton_kernel(monkeypatch, backward_calls):
     lengths = [30, 100]
     offsets = make_offsets(lengths)

@@ -714,16 +714,20 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                                device=q.device)
     delta = lse
     if activation == 0:
+        hopper = attention_hopper_backward.hopper_backward_supported(
+            q, k, v, do, q_offsets, scale, max_len, plain, plain and _int32_offsets((q, k, v, do, out, dq, dk, dv), (lse,)))
+        # On short rows the Gluon backward makes delta itself from O (no delta kernel).
+        if (hopper and attention_hopper_backward.fuses_delta(out, max_len)
+                and attention_hopper_backward.attention_backward_hopper(
+                    do, q, k, v, lse, None, q_offsets, k_offsets, causal, scale, dq, dk, dv, out=out)):
+            return dq, dk, dv, bias_partial
         delta = torch.empty_like(lse)
         block_t = 64
         _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
             out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
             BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
-        if (attention_hopper_backward.hopper_backward_supported(
-                q, k, v, do, q_offsets, scale, max_len, plain,
-                plain and _int32_offsets((q, k, v, do, dq, dk, dv), (lse, delta)))
-                and attention_hopper_backward.attention_backward_hopper(
-                    do, q, k, v, lse, delta, q_offsets, k_offsets, causal, scale, dq, dk, dv)):
+        if hopper and attention_hopper_backward.attention_backward_hopper(
+                do, q, k, v, lse, delta, q_offsets, k_offsets, causal, scale, dq, dk, dv):
             return dq, dk, dv, bias_partial
     _attention_backward_kernel[(num_kv_slots + num_q_slots, heads)](
         q, k, v, do, lse, delta, dq, dk, dv, bias_partial, q_offsets, k_offsets,

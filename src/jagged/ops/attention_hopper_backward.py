@@ -31,6 +31,7 @@ from ._utils import next_power_of_2
 
 # JAGGED_HOPPER_ATTENTION_BACKWARD=0 keeps every backward on the Triton kernel.
 ENABLED = os.environ.get("JAGGED_HOPPER_ATTENTION_BACKWARD", "1") != "0"
+FUSED_DELTA = True  # see fuses_delta
 _FAILED: set = set()
 
 if gluon is not None:
@@ -44,29 +45,70 @@ if gluon is not None:
     _mma_layout = attention_hopper._mma_layout
 
     @gluon.jit
-    def _open_tiles(once_a_desc, once_b_desc, ring_a_desc, ring_b_desc, once_row, ring_row, col, n_tiles,
-                    BLOCK: gl.constexpr, STAGES: gl.constexpr):
-        """Shared memory for the two tiles a program loads once (rows once_row on) and the two it
-        streams through a ring of STAGES (tiles of BLOCK rows from ring_row on), with their
-        mbarriers; starts the loads of the first and of the ring's first STAGES - 1 tiles."""
+    def _load_ring(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, bars, tile, first_row, col, BLOCK: gl.constexpr,
+                   STAGES: gl.constexpr, THREE: gl.constexpr):
+        """_load_pair, of a third tensor too if THREE."""
+        if THREE:
+            stage = tile % STAGES
+            bar = bars.index(stage)
+            mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes + c_desc.block_type.nbytes)
+            _tma_load(a_desc, [first_row + tile * BLOCK, col], bar, a_smem.index(stage))
+            _tma_load(b_desc, [first_row + tile * BLOCK, col], bar, b_smem.index(stage))
+            _tma_load(c_desc, [first_row + tile * BLOCK, col], bar, c_smem.index(stage))
+        else:
+            _load_pair(a_desc, b_desc, a_smem, b_smem, bars, tile, first_row, col, BLOCK, STAGES)
+
+    @gluon.jit
+    def _open_tiles(once_a_desc, once_b_desc, once_c_desc, ring_a_desc, ring_b_desc, ring_c_desc, once_row, ring_row,
+                    col, n_tiles, BLOCK: gl.constexpr, STAGES: gl.constexpr, ONCE_C: gl.constexpr,
+                    RING_C: gl.constexpr):
+        """Shared memory for the tiles a program loads once (rows once_row on: a, b, and c if
+        ONCE_C) and those it streams through a ring of STAGES (tiles of BLOCK rows from ring_row
+        on: a, b, and c if RING_C), with their mbarriers; starts the loads of the first and of the
+        ring's first STAGES - 1 tiles. An absent c is returned as a."""
         once_a = gl.allocate_shared_memory(once_a_desc.dtype, once_a_desc.block_type.shape, once_a_desc.layout)
         once_b = gl.allocate_shared_memory(once_b_desc.dtype, once_b_desc.block_type.shape, once_b_desc.layout)
+        once_c = once_a
+        if ONCE_C:
+            once_c = gl.allocate_shared_memory(once_c_desc.dtype, once_c_desc.block_type.shape, once_c_desc.layout)
         ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, [STAGES] + ring_a_desc.block_type.shape,
                                            ring_a_desc.layout)
         ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, [STAGES] + ring_b_desc.block_type.shape,
                                            ring_b_desc.layout)
+        ring_c = ring_a
+        if RING_C:
+            ring_c = gl.allocate_shared_memory(ring_c_desc.dtype, [STAGES] + ring_c_desc.block_type.shape,
+                                               ring_c_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         once_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         mbarrier.init(once_bar, count=1)
-        mbarrier.expect(once_bar, once_a_desc.block_type.nbytes + once_b_desc.block_type.nbytes)
+        if ONCE_C:
+            mbarrier.expect(once_bar, once_a_desc.block_type.nbytes + once_b_desc.block_type.nbytes
+                            + once_c_desc.block_type.nbytes)
+            _tma_load(once_c_desc, [once_row, col], once_bar, once_c)
+        else:
+            mbarrier.expect(once_bar, once_a_desc.block_type.nbytes + once_b_desc.block_type.nbytes)
         _tma_load(once_a_desc, [once_row, col], once_bar, once_a)
         _tma_load(once_b_desc, [once_row, col], once_bar, once_b)
         for i in gl.static_range(STAGES - 1):
             if i < n_tiles:
-                _load_pair(ring_a_desc, ring_b_desc, ring_a, ring_b, bars, i, ring_row, col, BLOCK, STAGES)
-        return once_a, once_b, ring_a, ring_b, bars, once_bar
+                _load_ring(ring_a_desc, ring_b_desc, ring_c_desc, ring_a, ring_b, ring_c, bars, i, ring_row, col, BLOCK,
+                           STAGES, RING_C)
+        return once_a, once_b, once_c, ring_a, ring_b, ring_c, bars, once_bar
+
+    @gluon.jit
+    def _row_delta(do_tile, o_tile, first, length, layout: gl.constexpr, HEAD_D: gl.constexpr,
+                   num_warps: gl.constexpr):
+        """delta = rowsum(dO * O) in float32 of a [BLOCK, HEAD_D] pair of shared-memory tiles, in
+        ``layout`` (a slice of the score layout); 0 for the rows at or past ``length`` (the next
+        row's, which may hold anything)."""
+        tile_layout: gl.constexpr = _store_layout(HEAD_D, num_warps)
+        delta = gl.sum(do_tile.load(tile_layout).to(gl.float32) * o_tile.load(tile_layout).to(gl.float32), 1)
+        delta = gl.convert_layout(delta, layout)
+        rows = first + gl.arange(0, do_tile.shape[0], layout=layout)
+        return gl.where(rows < length, delta, 0.0)
 
     @gluon.jit
     def _close_tiles(bars, once_bar, STAGES: gl.constexpr):
@@ -76,10 +118,10 @@ if gluon is not None:
 
     @gluon.jit
     def _dkdv_program(
-        slot, head, q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr,
+        slot, head, q_desc, k_desc, v_desc, do_desc, o_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr,
         k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, SCAN: gl.constexpr, num_warps: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, FUSED_DELTA: gl.constexpr, num_warps: gl.constexpr,
     ):
         """dK, dV of one block of BLOCK_N keys of one row: stream over the row's queries in tiles of
         BLOCK_M. Transposed score tiles [keys, queries], so that dV += P^T dO and dK += dS^T Q take
@@ -98,8 +140,9 @@ if gluon is not None:
             st_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_M)
             acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_D)
             a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-            k_smem, v_smem, q_smem, do_smem, bars, kv_bar = _open_tiles(
-                k_desc, v_desc, q_desc, do_desc, k_begin + key_start, q_begin + start_m, col, n_tiles, BLOCK_M, STAGES)
+            k_smem, v_smem, _, q_smem, do_smem, o_smem, bars, kv_bar = _open_tiles(
+                k_desc, v_desc, k_desc, q_desc, do_desc, o_desc, k_begin + key_start, q_begin + start_m, col, n_tiles,
+                BLOCK_M, STAGES, False, FUSED_DELTA)
 
             keys = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
             st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
@@ -108,14 +151,15 @@ if gluon is not None:
             mbarrier.wait(kv_bar, 0)
             for j in range(n_tiles):
                 if j + STAGES - 1 < n_tiles:  # its stage's last reader, tile j - 1, has finished
-                    _load_pair(q_desc, do_desc, q_smem, do_smem, bars, j + STAGES - 1, q_begin + start_m, col,
-                               BLOCK_M, STAGES)
+                    _load_ring(q_desc, do_desc, o_desc, q_smem, do_smem, o_smem, bars, j + STAGES - 1, q_begin + start_m,
+                               col, BLOCK_M, STAGES, FUSED_DELTA)
                 q_start = start_m + j * BLOCK_M
                 queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
                 query_ok = queries < q_len
                 # A query past the row (or that saw no key) has lse = +inf: its weights are 0.
                 lse = gl.load(lse_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=float("inf"))
-                delta = gl.load(delta_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=0.0)
+                if not FUSED_DELTA:
+                    delta = gl.load(delta_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=0.0)
                 stage = j % STAGES
                 mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
                 q_tile = q_smem.index(stage)
@@ -125,6 +169,9 @@ if gluon is not None:
                     _zero_rows_past(do_tile, q_start, q_len, HEAD_D, num_warps)
                     fence_async_shared()
                     _cta_barrier()
+                if FUSED_DELTA:
+                    delta = _row_delta(do_tile, o_smem.index(stage), q_start, q_len, gl.SliceLayout(0, st_layout),
+                                       HEAD_D, num_warps)
                 st = warpgroup_mma(k_smem, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 dpt = warpgroup_mma(v_smem, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(1, deps=(st, ))
@@ -148,10 +195,10 @@ if gluon is not None:
 
     @gluon.jit
     def _dq_program(
-        slot, head, q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr,
-        batch_size, qk_scale, scale, stride_dqt, stride_dqh, stride_lh,
+        slot, head, q_desc, k_desc, v_desc, do_desc, o_desc, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr,
+        k_offsets_ptr, batch_size, qk_scale, scale, stride_dqt, stride_dqh, stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, SCAN: gl.constexpr, num_warps: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, FUSED_DELTA: gl.constexpr, num_warps: gl.constexpr,
     ):
         """dQ of one block of BLOCK_M queries of one row: stream over the row's keys in tiles of
         BLOCK_N (the forward's walk)."""
@@ -165,16 +212,20 @@ if gluon is not None:
             s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
             acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_D)
             a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-            q_smem, do_smem, k_smem, v_smem, bars, q_bar = _open_tiles(
-                q_desc, do_desc, k_desc, v_desc, q_begin + q_start, k_begin, col, n_tiles, BLOCK_N, STAGES)
+            q_smem, do_smem, o_smem, k_smem, v_smem, _, bars, q_bar = _open_tiles(
+                q_desc, do_desc, o_desc, k_desc, v_desc, k_desc, q_begin + q_start, k_begin, col, n_tiles, BLOCK_N,
+                STAGES, FUSED_DELTA, False)
 
             queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
             query_ok = queries < q_len
             lse = gl.load(lse_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=float("inf"))
-            delta = gl.load(delta_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=0.0)
+            if not FUSED_DELTA:
+                delta = gl.load(delta_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=0.0)
             s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
             dq = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=acc_layout)
             mbarrier.wait(q_bar, 0)
+            if FUSED_DELTA:
+                delta = _row_delta(do_smem, o_smem, q_start, q_len, gl.SliceLayout(1, s_layout), HEAD_D, num_warps)
             for j in range(n_tiles):
                 if j + STAGES - 1 < n_tiles:
                     _load_pair(k_desc, v_desc, k_smem, v_smem, bars, j + STAGES - 1, k_begin, col, BLOCK_N, STAGES)
@@ -209,25 +260,29 @@ if gluon is not None:
     @fast_launch
     @gluon.jit
     def _attention_backward_hopper_kernel(
-        kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc,
-        lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, num_kv_slots,
-        qk_scale, scale, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+        kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, kv_o_desc, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc,
+        dq_o_desc, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size,
+        num_kv_slots, qk_scale, scale, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, KV_BLOCK_M: gl.constexpr, KV_BLOCK_N: gl.constexpr,
         Q_BLOCK_M: gl.constexpr, Q_BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCAN: gl.constexpr,
-        num_warps: gl.constexpr,
+        FUSED_DELTA: gl.constexpr, num_warps: gl.constexpr,
     ):
         # One launch for both kinds of program (as the Triton backward: they fill each other's tails).
+        # FUSED_DELTA: each program makes delta = rowsum(dO * O) from O tiles (the *_o_desc) instead
+        # of reading the delta kernel's (delta_ptr).
         slot = gl.program_id(0)
         head = gl.program_id(1)
         if slot < num_kv_slots:
-            _dkdv_program(slot, head, kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, lse_ptr, delta_ptr, dk_ptr,
-                          dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt, stride_dkh,
-                          stride_dvt, stride_dvh, stride_lh, CAUSAL, HEAD_D, KV_BLOCK_M, KV_BLOCK_N, STAGES, SCAN,
-                          num_warps)
+            _dkdv_program(slot, head, kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, kv_o_desc, lse_ptr, delta_ptr,
+                          dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt,
+                          stride_dkh, stride_dvt, stride_dvh, stride_lh, CAUSAL, HEAD_D, KV_BLOCK_M, KV_BLOCK_N, STAGES,
+                          SCAN, FUSED_DELTA, num_warps)
         else:
-            _dq_program(slot - num_kv_slots, head, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc, lse_ptr, delta_ptr,
-                        dq_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dqt, stride_dqh,
-                        stride_lh, CAUSAL, HEAD_D, Q_BLOCK_M, Q_BLOCK_N, STAGES, SCAN, num_warps)
+            _dq_program(slot - num_kv_slots, head, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc, dq_o_desc, lse_ptr,
+                        delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dqt,
+                        stride_dqh, stride_lh, CAUSAL, HEAD_D, Q_BLOCK_M, Q_BLOCK_N, STAGES, SCAN, FUSED_DELTA,
+                        num_warps)
 
 
 def _tiles(head_dim: int) -> dict:
@@ -254,18 +309,34 @@ def hopper_backward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                                     ENABLED)
 
 
+def fuses_delta(out: torch.Tensor, max_len: Optional[int]) -> bool:
+    """Whether the Gluon backward makes delta = rowsum(dO * O) itself from the forward's output
+    instead of reading the Triton delta kernel's: at D <= 64 on rows of at most 512 (max_len
+    known), with ``out`` TMA-ready. Each dK/dV program then re-reads its row's O, once per key
+    block: on short rows that costs less than the delta kernel's launch and pass (H100, graph,
+    B=256 max_L=256 D=64 uniform 113.5 -> 106.5 us, skewed 52.6 -> 49.0, causal 99.6 -> 92.6; D=32
+    150 -> 141), on longer rows or at D=128 (the O ring's shared memory costs occupancy) more
+    (max_L=1024 930 -> 970, D=128 193 -> 275; benchmarks/NOTES.md, session 22). FUSED_DELTA =
+    False turns it off."""
+    return (FUSED_DELTA and out.shape[2] <= 64 and max_len is not None and max_len <= 512
+            and attention_hopper._tma_ready(out))
+
+
 def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
-                              delta: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor, causal: bool,
-                              scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-                              tiles: Optional[dict] = None) -> bool:
+                              delta: Optional[torch.Tensor], q_offsets: torch.Tensor, k_offsets: torch.Tensor,
+                              causal: bool, scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                              tiles: Optional[dict] = None, out: Optional[torch.Tensor] = None) -> bool:
     """Fill dq, dk, dv for inputs that hopper_backward_supported accepted, from the forward's
-    base-2 ``lse`` and ``delta`` = rowsum(dO * O) (both [H, T_q], one stride). ``tiles`` replaces
-    _tiles' choice (tuning scripts). Returns False, having written nothing, if this Triton cannot
-    compile the kernel (warned once per configuration); the caller then runs the Triton kernel."""
+    base-2 ``lse`` and ``delta`` = rowsum(dO * O) (both [H, T_q], one stride), or, with ``delta``
+    None, from the forward's output ``out`` (TMA-ready, as q), of which the kernel makes delta
+    itself. ``tiles`` replaces _tiles' choice (tuning scripts). Returns False, having written
+    nothing, if this Triton cannot compile the kernel (warned once per configuration); the caller
+    then runs the Triton kernel."""
     total_q, heads, head_dim = q.shape
     batch_size = q_offsets.numel() - 1
     tiles = tiles or _tiles(head_dim)
-    key = (head_dim, causal, q.dtype, tuple(sorted(tiles.items())))
+    fused = delta is None
+    key = (head_dim, causal, q.dtype, fused, tuple(sorted(tiles.items())))
     if key in _FAILED:
         return False
     scan = max(next_power_of_2(batch_size + 1), 32 * tiles["num_warps"])
@@ -278,14 +349,17 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
             descriptors[id(x), rows] = attention_hopper._descriptor(x, [rows, head_dim])
         return descriptors[id(x), rows]
 
+    o = out if fused else do  # unread without FUSED_DELTA
     try:
         _attention_backward_hopper_kernel[(num_kv_slots + num_q_slots, heads)](
             descriptor(q, tiles["KV_BLOCK_M"]), descriptor(k, tiles["KV_BLOCK_N"]), descriptor(v, tiles["KV_BLOCK_N"]),
-            descriptor(do, tiles["KV_BLOCK_M"]), descriptor(q, tiles["Q_BLOCK_M"]), descriptor(k, tiles["Q_BLOCK_N"]),
-            descriptor(v, tiles["Q_BLOCK_N"]), descriptor(do, tiles["Q_BLOCK_M"]),
-            lse, delta, dq, dk, dv, q_offsets, k_offsets, batch_size, num_kv_slots, scale * 1.4426950408889634, scale,
+            descriptor(do, tiles["KV_BLOCK_M"]), descriptor(o, tiles["KV_BLOCK_M"]), descriptor(q, tiles["Q_BLOCK_M"]),
+            descriptor(k, tiles["Q_BLOCK_N"]), descriptor(v, tiles["Q_BLOCK_N"]), descriptor(do, tiles["Q_BLOCK_M"]),
+            descriptor(o, tiles["Q_BLOCK_M"]),
+            lse, lse if fused else delta, dq, dk, dv, q_offsets, k_offsets, batch_size, num_kv_slots,
+            scale * 1.4426950408889634, scale,
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, **tiles)
+            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, FUSED_DELTA=fused, **tiles)
     except _gluon.COMPILE_ERRORS as error:  # Gluon's API moves between releases
         return _gluon.compile_failed(_FAILED, key, "attention backward", error)
     return True
