@@ -6,7 +6,8 @@ the same split of the work: one launch whose first programs each own one block o
 keys (dK, dV: stream over the row's queries) and whose other programs each own one block of
 one row's queries (dQ: stream over the row's keys). Every gradient element is written by one
 program, without atomics: deterministic. delta = rowsum(dO * O) comes from the Triton delta
-kernel before it. As in the Hopper forward (ops/attention_hopper.py):
+kernel before it, or on short rows (fuses_delta) from the kernel itself, out of O tiles that
+stream with Q and dO. As in the Hopper forward (ops/attention_hopper.py):
 
 - Q, dO, K and V tiles arrive by TMA into a ring of shared-memory stages guarded by mbarriers;
   all matmuls are async wgmma, the second operand of dV, dK and dQ taken from registers.
@@ -14,7 +15,8 @@ kernel before it. As in the Hopper forward (ops/attention_hopper.py):
 - TMA reads a row's last tile whole, taking in rows of the next row. A dK/dV program zeroes those
   query rows of Q and dO in shared memory (their weights are then exactly 0: their lse is
   +inf), a dQ program those key rows of K (their weights are masked); so a non-finite value in
-  one row never reaches another row's gradients (0 * inf is NaN).
+  one row never reaches another row's gradients (0 * inf is NaN); a delta made in the kernel is 0
+  for those rows.
 """
 
 from __future__ import annotations
