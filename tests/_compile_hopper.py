@@ -78,8 +78,9 @@ def jagged_dense_bmm():
             for transposed in (False, True):
                 x = torch.empty(1024, 256, dtype=dtype)
                 y_box = [tiles["BLOCK_N"], tiles["BLOCK_K"]] if transposed else [tiles["BLOCK_K"], tiles["BLOCK_N"]]
+                x_box = [tiles["BLOCK_M"], tiles["BLOCK_K"]]
                 signature = dict(
-                    x_desc=mangle_type(_gluon.matrix_descriptor(x, [1024, k_dim], 256, [tiles["BLOCK_M"], tiles["BLOCK_K"]])),
+                    x_desc=mangle_type(_gluon.matrix_descriptor(x, [1024, k_dim], 256, x_box)),
                     y_desc=mangle_type(_gluon.matrix_descriptor(x, [1024, 256], 256, y_box)), out_ptr=_pointer(dtype),
                     offsets_ptr="*i64", batch_size="i32", search_stride="i32", stride_ot="i32")
                 constexprs = dict(K=k_dim, N=n_dim, Y_TRANSPOSED=transposed, **tiles)

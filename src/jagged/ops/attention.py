@@ -715,7 +715,8 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     delta = lse
     if activation == 0:
         hopper = attention_hopper_backward.hopper_backward_supported(
-            q, k, v, do, q_offsets, scale, max_len, plain, plain and _int32_offsets((q, k, v, do, out, dq, dk, dv), (lse,)))
+            q, k, v, do, q_offsets, scale, max_len, plain,
+            plain and _int32_offsets((q, k, v, do, out, dq, dk, dv), (lse,)))
         # On short rows the Gluon backward makes delta itself from O (no delta kernel).
         if (hopper and attention_hopper_backward.fuses_delta(out, max_len)
                 and attention_hopper_backward.attention_backward_hopper(

@@ -153,8 +153,8 @@ if gluon is not None:
             mbarrier.wait(kv_bar, 0)
             for j in range(n_tiles):
                 if j + STAGES - 1 < n_tiles:  # its stage's last reader, tile j - 1, has finished
-                    _load_ring(q_desc, do_desc, o_desc, q_smem, do_smem, o_smem, bars, j + STAGES - 1, q_begin + start_m,
-                               col, BLOCK_M, STAGES, FUSED_DELTA)
+                    _load_ring(q_desc, do_desc, o_desc, q_smem, do_smem, o_smem, bars, j + STAGES - 1,
+                               q_begin + start_m, col, BLOCK_M, STAGES, FUSED_DELTA)
                 q_start = start_m + j * BLOCK_M
                 queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
                 query_ok = queries < q_len

@@ -137,7 +137,8 @@ def _y_matrix(x: torch.Tensor, y: torch.Tensor):
         return None
     (total, k_dim), (batch_size, _, n_dim) = x.shape, y.shape
     (x_row, x_col), (y_batch, y_row, y_col) = x.stride(), y.stride()
-    if k_dim % 16 or n_dim % 8 or n_dim > MAX_N or total == 0 or x_col != 1 or x_row % 8 or x_row < k_dim:
+    if k_dim % 16 or k_dim == 0 or n_dim % 8 or n_dim > MAX_N or total == 0 or x_col != 1 or x_row % 8 \
+            or x_row < k_dim:
         return None
     if (total * (k_dim + n_dim) + batch_size * k_dim * n_dim) * 2 < MIN_BYTES:
         return None
@@ -154,9 +155,10 @@ def _y_matrix(x: torch.Tensor, y: torch.Tensor):
 
 def hopper_bmm_supported(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> bool:
     """Whether jagged_dense_bmm of these (validated) operands runs on the Gluon kernel: Gluon, an
-    sm_90 GPU, 16-bit x and y, at least MIN_BYTES to move, K a multiple of 16, N a multiple of 8
-    up to 256, TMA-readable operands (x rows and y's matrix rows 16-byte aligned with unit stride; y's B matrices one
-    after another, row-major or transposed), and every coordinate and position within int32."""
+    sm_90 GPU, 16-bit x and y, at least MIN_BYTES to move, K a positive multiple of 16, N a
+    multiple of 8 up to 256, TMA-readable operands (x rows and y's matrix rows 16-byte aligned
+    with unit stride; y's B matrices one after another, row-major or transposed), and every
+    coordinate and position within int32."""
     return _y_matrix(x, y) is not None and offsets.numel() < 2 ** 30
 
 
