@@ -41,6 +41,7 @@ def compile_failed(failed: set, key, kernel_name: str, error: Exception) -> bool
                   stacklevel=4)
     return False
 
+
 if gluon is not None:
     tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
     cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier  # 3.9 / 3.6 names
@@ -81,11 +82,6 @@ def is_sm90(device: torch.device) -> bool:
     if index not in _SM90:
         _SM90[index] = torch.cuda.get_device_capability(index)[0] == 9
     return _SM90[index]
-
-
-def tma_aligned(x: torch.Tensor) -> bool:
-    """16-byte aligned data and unit last stride, as a TMA descriptor needs."""
-    return x.data_ptr() % 16 == 0 and x.stride(-1) == 1
 
 
 _TEMPLATES: dict = {}

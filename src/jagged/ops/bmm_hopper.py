@@ -128,12 +128,12 @@ def _tiles(k_dim: int, n_dim: int) -> dict:
                 STAGES=min(2, k_dim // block_k), num_warps=4)
 
 
-def _y_matrix(x: torch.Tensor, y: torch.Tensor):
-    """How the kernel reads y, or None if it cannot: (transposed, rows of the 2-D matrix it reads,
-    their stride). y[b] is read as rows b * K.. of a [B * K, N] matrix, or, transposed (y[b] =
-    m[b]^T for a [B, N, K] m), rows b * N.. of a [B * N, K] one. Also checks what the kernel needs
-    of x and of the sizes (see hopper_bmm_supported)."""
-    if x.dtype not in DTYPES or not x.is_cuda:
+def _y_matrix(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor):
+    """How the kernel reads y, or None if it cannot take the call (see hopper_bmm_supported):
+    (transposed, rows of the 2-D matrix it reads, their stride). y[b] is read as rows b * K.. of a
+    [B * K, N] matrix, or, transposed (y[b] = m[b]^T for a [B, N, K] m), rows b * N.. of a
+    [B * N, K] one."""
+    if x.dtype not in DTYPES or not x.is_cuda or offsets.numel() >= 2 ** 30:
         return None
     (total, k_dim), (batch_size, _, n_dim) = x.shape, y.shape
     (x_row, x_col), (y_batch, y_row, y_col) = x.stride(), y.stride()
@@ -159,7 +159,7 @@ def hopper_bmm_supported(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor
     multiple of 8 up to 256, TMA-readable operands (x rows and y's matrix rows 16-byte aligned
     with unit stride; y's B matrices one after another, row-major or transposed), and every
     coordinate and position within int32."""
-    return _y_matrix(x, y) is not None and offsets.numel() < 2 ** 30
+    return _y_matrix(x, y, offsets) is not None
 
 
 def jagged_dense_bmm_hopper(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> bool:
@@ -168,10 +168,10 @@ def jagged_dense_bmm_hopper(x: torch.Tensor, y: torch.Tensor, offsets: torch.Ten
     configuration). Returns whether it did; if not, it wrote nothing and the caller runs the
     Triton kernel. One function, so that the host checks the operands once (eager calls are
     host-bound at the sizes where the kernel takes 50-70 us)."""
-    matrix = _y_matrix(x, y)
-    batch_size = offsets.numel() - 1
-    if matrix is None or batch_size >= 2 ** 30:
+    matrix = _y_matrix(x, y, offsets)
+    if matrix is None:
         return False
+    batch_size = offsets.numel() - 1
     transposed, y_rows, y_row_stride = matrix
     (total, k_dim), n_dim = x.shape, y.shape[2]
     tiles = _tiles(k_dim, n_dim)
