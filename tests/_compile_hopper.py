@@ -16,13 +16,17 @@ def _pointer(dtype):
 
 
 def _compile(kernel, signature, constexprs, num_warps):
-    """Compile for sm_90 with every argument named (constexprs as "constexpr"); check that the
-    kernel uses TMA and wgmma."""
+    """Compile for sm_90 with every argument named (constexprs as "constexpr"; a ``maxnreg`` among
+    them is the launch option); check that the kernel uses TMA and wgmma."""
+    constexprs = dict(constexprs)
+    options = {"num_warps": num_warps}
+    if "maxnreg" in constexprs:
+        options["maxnreg"] = constexprs.pop("maxnreg")
     signature = dict(signature, **{name: "constexpr" for name in constexprs})
     assert set(signature) == set(kernel.arg_names), (list(signature), kernel.arg_names)
     signature = {name: signature[name] for name in kernel.arg_names}
     compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", 90, 32), options=options)
     assert "wgmma.mma_async" in compiled.asm["ptx"] and "cp.async.bulk.tensor" in compiled.asm["ptx"]
 
 
@@ -50,9 +54,9 @@ def backward():
     kernel = attention_hopper_backward._attention_backward_hopper_kernel
     kernel = getattr(kernel, "kernel", kernel)  # ops/_launch.py: FastLaunch
     for head_dim in (32, 64, 128):
-        tiles = attention_hopper_backward._tiles(head_dim)
         for dtype in (torch.bfloat16, torch.float16):
             for causal, fused_delta in ((False, True), (True, True), (False, False)):
+                tiles = attention_hopper_backward._tiles(head_dim, causal, fused_delta)
                 x = torch.empty(1024, 2, head_dim, dtype=dtype)
                 signature = {}
                 programs = dict(kv=("KV_BLOCK_M", "KV_BLOCK_N"), dq=("Q_BLOCK_M", "Q_BLOCK_N"))

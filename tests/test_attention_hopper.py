@@ -155,8 +155,8 @@ def test_rows_isolated_from_non_finite_neighbours(tensor, monkeypatch, hopper_ca
 @pytest.mark.parametrize("tensor", ["q", "k", "v", "do"])
 def test_backward_rows_isolated_from_non_finite_neighbours(tensor, hopper_calls, backward_calls):
     """The backward's TMA tiles reach into the next row too (row 0's last 32-query dK/dV tile and
-    its 64-key dQ tile): inf and NaN in row 1's q, k, v or output gradient must leave the other
-    rows' gradients bit for bit as they were."""
+    its last 32-key dQ tile): inf and NaN in row 1's q, k, v or output gradient must leave the
+    other rows' gradients bit for bit as they were."""
     lengths = [40, 50, 3]
     offsets = make_offsets(lengths)
     clean = dict(q=random_values((sum(lengths), 2, 64), torch.bfloat16), k=random_values((93, 2, 64), torch.bfloat16),

@@ -287,15 +287,25 @@ if gluon is not None:
                         num_warps)
 
 
-def _tiles(head_dim: int) -> dict:
-    """Tiles by head dim (H100, graph replay, benchmarks/NOTES.md session 21): at D <= 64, 64-key
-    dK/dV blocks walking 32-query tiles and 64-query dQ blocks walking 64-key tiles, 3 stages
-    (B=256 max_L=512 D=64 uniform 285 us vs 294-341 for the other tiles tried; within 2% of the
-    best at the other shapes); at D=128, 64 x 64 everywhere with 2 stages (193 vs 199-277 us at
-    max_L=256, 212 vs 238-323 at max_L=1024)."""
+def _tiles(head_dim: int, causal: bool, fused_delta: bool) -> dict:
+    """Tiles by head dim (H100, graph replay, benchmarks/NOTES.md sessions 21 and 23). At D <= 64,
+    64-key dK/dV blocks walking 32-query tiles, 64-query dQ blocks walking 64-key tiles, 3 stages
+    (B=256 max_L=512 D=64 uniform 285 us vs 294-341 for the other tiles tried). When the kernel
+    makes delta itself (not causal), 32-key dQ tiles instead: with the O tiles the 64-key ones
+    take 74 KB of shared memory (3 programs an SM), the 32-key ones 53 KB and, at D=64, 128
+    registers: 4 programs an SM (B=256 max_L=256 D=64 uniform 106 -> 97 us, max_L=512 277 -> 265);
+    at D=32 a 96-register cap makes that 5 (D=32 H=8 140 -> 135). Causal (156 registers at D=64,
+    3 programs either way) and the unfused path keep the 64-key tiles (max_L=1024 915 vs 949). At
+    D=128, 64 x 64 everywhere with 2 stages (193 vs 199-277 us at max_L=256, 212 vs 238-323 at
+    max_L=1024)."""
     if head_dim == 128:
         return dict(KV_BLOCK_M=64, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=2, num_warps=4)
-    return dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=3, num_warps=4)
+    tiles = dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=3, num_warps=4)
+    if fused_delta and not causal:
+        tiles["Q_BLOCK_N"] = 32
+        if head_dim <= 32:
+            tiles["maxnreg"] = 96
+    return tiles
 
 
 def hopper_backward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
@@ -336,8 +346,8 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     then runs the Triton kernel."""
     total_q, heads, head_dim = q.shape
     batch_size = q_offsets.numel() - 1
-    tiles = tiles or _tiles(head_dim)
     fused = delta is None
+    tiles = tiles or _tiles(head_dim, causal, fused)
     key = (head_dim, causal, q.dtype, fused, tuple(sorted(tiles.items())))
     if key in _FAILED:
         return False
