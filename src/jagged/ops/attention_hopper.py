@@ -73,12 +73,18 @@ if gluon is not None:
         return row, begin, end - begin, slot - (begin // BLOCK_M + row)
 
     @gluon.jit
-    def _key_span(k_offsets_ptr, row, q_start, q_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr):
+    def _key_span(k_offsets_ptr, row, q_begin, q_start, q_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                  SAME_OFFSETS: gl.constexpr):
         """The keys of ``row`` that queries [q_start, q_start + BLOCK_M) see: the row's key begin
         and length, and the end of the keys any of them sees (causal: query i sees key
-        j <= i + (L_k - L_q))."""
-        k_begin = gl.load(k_offsets_ptr + row).to(gl.int32)
-        k_len = gl.load(k_offsets_ptr + row + 1).to(gl.int32) - k_begin
+        j <= i + (L_k - L_q)). SAME_OFFSETS (self-attention): the query row's span, not loaded
+        again (one memory round trip fewer before the first key tile can be requested)."""
+        if SAME_OFFSETS:
+            k_begin = q_begin
+            k_len = q_len
+        else:
+            k_begin = gl.load(k_offsets_ptr + row).to(gl.int32)
+            k_len = gl.load(k_offsets_ptr + row + 1).to(gl.int32) - k_begin
         end_n = k_len
         if CAUSAL:
             end_n = gl.minimum(k_len, gl.maximum(gl.minimum(q_start + BLOCK_M, q_len) + (k_len - q_len), 0))
@@ -149,14 +155,15 @@ if gluon is not None:
         q_desc, k_desc, v_desc, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale,
         stride_ot, stride_oh, stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, SCAN: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, OVERLAP: gl.constexpr, SAME_OFFSETS: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         head = gl.program_id(1)
         row, q_begin, q_len, block = _slot_row(q_offsets_ptr, gl.program_id(0), batch_size, BLOCK_M, SCAN, num_warps)
         if block * BLOCK_M >= q_len:  # a spare slot
             return
         q_start = block * BLOCK_M
-        k_begin, k_len, end_n = _key_span(k_offsets_ptr, row, q_start, q_len, CAUSAL, BLOCK_M)
+        k_begin, k_len, end_n = _key_span(k_offsets_ptr, row, q_begin, q_start, q_len, CAUSAL, BLOCK_M, SAME_OFFSETS)
         n_tiles = gl.cdiv(end_n, BLOCK_N)
         col = head * HEAD_D
 
@@ -295,6 +302,14 @@ def hopper_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return hopper_inputs_supported((q, k, v), q_offsets, scale, plain_softmax, int32_offsets, ENABLED)
 
 
+def same_offsets(q_offsets: torch.Tensor, k_offsets: torch.Tensor) -> bool:
+    """Whether the query and key offsets are one tensor (self-attention): the kernels' SAME_OFFSETS."""
+    if q_offsets is k_offsets:
+        return True
+    return (q_offsets.data_ptr() == k_offsets.data_ptr() and q_offsets.dtype == k_offsets.dtype
+            and q_offsets.shape == k_offsets.shape and q_offsets.stride() == k_offsets.stride())
+
+
 def _descriptor(x: torch.Tensor, block: list) -> "TensorDescriptor":
     """A TMA descriptor of [T, H, D] ``x`` as the matrix [T, H * D] with boxes ``block``
     (_tma_ready has checked it; every caller has T > 0)."""
@@ -311,7 +326,8 @@ def attention_forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     total_q, heads, head_dim = q.shape
     batch_size = q_offsets.numel() - 1
     tiles = _tiles(head_dim, max_len)
-    key = (head_dim, causal, q.dtype, tuple(sorted(tiles.items())))
+    same = same_offsets(q_offsets, k_offsets)
+    key = (head_dim, causal, q.dtype, same, tuple(sorted(tiles.items())))
     if key in _FAILED:
         return False
     scan = max(next_power_of_2(batch_size + 1), 32 * tiles["num_warps"])
@@ -321,7 +337,7 @@ def attention_forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             _descriptor(q, [tiles["BLOCK_M"], head_dim]), _descriptor(k, [tiles["BLOCK_N"], head_dim]),
             _descriptor(v, [tiles["BLOCK_N"], head_dim]), out, lse, q_offsets, k_offsets, batch_size,
             scale * 1.4426950408889634, out.stride(0), out.stride(1), lse.stride(0),
-            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, **tiles)
+            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, SAME_OFFSETS=same, **tiles)
     except _gluon.COMPILE_ERRORS as error:  # Gluon's API moves between releases
         return _gluon.compile_failed(_FAILED, key, "attention forward", error)
     return True

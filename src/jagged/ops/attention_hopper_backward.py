@@ -123,15 +123,20 @@ if gluon is not None:
         slot, head, q_desc, k_desc, v_desc, do_desc, o_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr,
         k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, SCAN: gl.constexpr, FUSED_DELTA: gl.constexpr, num_warps: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """dK, dV of one block of BLOCK_N keys of one row: stream over the row's queries in tiles of
         BLOCK_M. Transposed score tiles [keys, queries], so that dV += P^T dO and dK += dS^T Q take
         P^T and dS^T from registers."""
         row, k_begin, k_len, block = _slot_row(k_offsets_ptr, slot, batch_size, BLOCK_N, SCAN, num_warps)
         if block * BLOCK_N < k_len:
-            q_begin = gl.load(q_offsets_ptr + row).to(gl.int32)
-            q_len = gl.load(q_offsets_ptr + row + 1).to(gl.int32) - q_begin
+            if SAME_OFFSETS:  # self-attention: the scan found the query span too
+                q_begin = k_begin
+                q_len = k_len
+            else:
+                q_begin = gl.load(q_offsets_ptr + row).to(gl.int32)
+                q_len = gl.load(q_offsets_ptr + row + 1).to(gl.int32) - q_begin
             key_start = block * BLOCK_N
             start_m = 0
             if CAUSAL:  # query i sees key j <= i + (L_k - L_q): the first query tile that sees key_start
@@ -200,14 +205,16 @@ if gluon is not None:
         slot, head, q_desc, k_desc, v_desc, do_desc, o_desc, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr,
         k_offsets_ptr, batch_size, qk_scale, scale, stride_dqt, stride_dqh, stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, SCAN: gl.constexpr, FUSED_DELTA: gl.constexpr, num_warps: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """dQ of one block of BLOCK_M queries of one row: stream over the row's keys in tiles of
         BLOCK_N (the forward's walk)."""
         row, q_begin, q_len, block = _slot_row(q_offsets_ptr, slot, batch_size, BLOCK_M, SCAN, num_warps)
         if block * BLOCK_M < q_len:
             q_start = block * BLOCK_M
-            k_begin, k_len, end_n = attention_hopper._key_span(k_offsets_ptr, row, q_start, q_len, CAUSAL, BLOCK_M)
+            k_begin, k_len, end_n = attention_hopper._key_span(k_offsets_ptr, row, q_begin, q_start, q_len, CAUSAL,
+                                                                    BLOCK_M, SAME_OFFSETS)
             n_tiles = gl.cdiv(end_n, BLOCK_N)
             col = head * HEAD_D
 
@@ -268,7 +275,7 @@ if gluon is not None:
         stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, KV_BLOCK_M: gl.constexpr, KV_BLOCK_N: gl.constexpr,
         Q_BLOCK_M: gl.constexpr, Q_BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCAN: gl.constexpr,
-        FUSED_DELTA: gl.constexpr, num_warps: gl.constexpr,
+        FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr, num_warps: gl.constexpr,
     ):
         # One launch for both kinds of program (as the Triton backward: they fill each other's tails).
         # FUSED_DELTA: each program makes delta = rowsum(dO * O) from O tiles (the *_o_desc) instead
@@ -279,12 +286,12 @@ if gluon is not None:
             _dkdv_program(slot, head, kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, kv_o_desc, lse_ptr, delta_ptr,
                           dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt,
                           stride_dkh, stride_dvt, stride_dvh, stride_lh, CAUSAL, HEAD_D, KV_BLOCK_M, KV_BLOCK_N, STAGES,
-                          SCAN, FUSED_DELTA, num_warps)
+                          SCAN, FUSED_DELTA, SAME_OFFSETS, num_warps)
         else:
             _dq_program(slot - num_kv_slots, head, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc, dq_o_desc, lse_ptr,
                         delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dqt,
                         stride_dqh, stride_lh, CAUSAL, HEAD_D, Q_BLOCK_M, Q_BLOCK_N, STAGES, SCAN, FUSED_DELTA,
-                        num_warps)
+                        SAME_OFFSETS, num_warps)
 
 
 def _tiles(head_dim: int, causal: bool, fused_delta: bool) -> dict:
@@ -348,7 +355,8 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     batch_size = q_offsets.numel() - 1
     fused = delta is None
     tiles = tiles or _tiles(head_dim, causal, fused)
-    key = (head_dim, causal, q.dtype, fused, tuple(sorted(tiles.items())))
+    same = attention_hopper.same_offsets(q_offsets, k_offsets)
+    key = (head_dim, causal, q.dtype, fused, same, tuple(sorted(tiles.items())))
     if key in _FAILED:
         return False
     scan = max(next_power_of_2(batch_size + 1), 32 * tiles["num_warps"])
@@ -371,7 +379,7 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
             lse, lse if fused else delta, dq, dk, dv, q_offsets, k_offsets, batch_size, num_kv_slots,
             scale * 1.4426950408889634, scale,
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, FUSED_DELTA=fused, **tiles)
+            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, FUSED_DELTA=fused, SAME_OFFSETS=same, **tiles)
     except _gluon.COMPILE_ERRORS as error:  # Gluon's API moves between releases
         return _gluon.compile_failed(_FAILED, key, "attention backward", error)
     return True
