@@ -1,6 +1,13 @@
 """Compile the Gluon (Hopper) kernels for an H100 (sm_90) without running them: the attention
 forward and backward and jagged_dense_bmm; run by tests/test_kernel_compile.py in a process
-without the interpreter. Prints one line per variant."""
+without the interpreter. Prints one line per variant; with ``--footprint``, each line also gives
+the variant's registers and spills (ptxas -v) and shared memory: what decides how many programs
+an SM holds (docs/design.md, the Hopper backward)."""
+
+import re
+import subprocess
+import sys
+import tempfile
 
 import torch
 import triton
@@ -13,6 +20,25 @@ from jagged.ops import _gluon, attention_hopper, attention_hopper_backward, bmm_
 
 def _pointer(dtype):
     return "*bf16" if dtype == torch.bfloat16 else "*fp16"
+
+
+FOOTPRINT = "--footprint" in sys.argv
+
+
+def _footprint(compiled) -> str:
+    """'' unless --footprint; else the registers, spill bytes and shared memory of a compiled variant."""
+    if not FOOTPRINT:
+        return ""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx.name, "-o", "/dev/null"],
+                                capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", report).group(1)
+    spills = re.search(r"(\d+) bytes spill stores", report).group(1)
+    return f"| {registers} registers, {spills} bytes spilled, {compiled.metadata.shared} bytes shared"
 
 
 def _compile(kernel, signature, constexprs, num_warps):
@@ -28,6 +54,7 @@ def _compile(kernel, signature, constexprs, num_warps):
     compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options=options)
     assert "wgmma.mma_async" in compiled.asm["ptx"] and "cp.async.bulk.tensor" in compiled.asm["ptx"]
+    return _footprint(compiled)
 
 
 def main():
@@ -46,8 +73,8 @@ def main():
                                      v_desc=mangle_type(kv_desc), o_ptr=_pointer(dtype),
                                      lse_ptr="*fp32", q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",
                                      qk_scale="fp32", stride_ot="i32", stride_oh="i32", stride_lh="i32")
-                    _compile(kernel, signature, constexprs, tiles["num_warps"])
-                    print("compiled", head_dim, max_len, dtype, causal, flush=True)
+                    footprint = _compile(kernel, signature, constexprs, tiles["num_warps"])
+                    print("compiled", head_dim, max_len, dtype, causal, footprint, flush=True)
 
 
 def backward():
@@ -70,8 +97,8 @@ def backward():
                 signature.update({name: "i32" for name in kernel.arg_names if name.startswith("stride")})
                 constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, FUSED_DELTA=fused_delta,
                                   SAME_OFFSETS=not causal, **tiles)
-                _compile(kernel, signature, constexprs, tiles["num_warps"])
-                print("compiled backward", head_dim, dtype, causal, fused_delta, flush=True)
+                footprint = _compile(kernel, signature, constexprs, tiles["num_warps"])
+                print("compiled backward", head_dim, dtype, causal, fused_delta, footprint, flush=True)
 
 
 def jagged_dense_bmm():
@@ -89,8 +116,8 @@ def jagged_dense_bmm():
                     y_desc=mangle_type(_gluon.matrix_descriptor(x, [1024, 256], 256, y_box)), out_ptr=_pointer(dtype),
                     offsets_ptr="*i64", batch_size="i32", search_stride="i32", stride_ot="i32")
                 constexprs = dict(K=k_dim, N=n_dim, Y_TRANSPOSED=transposed, **tiles)
-                _compile(kernel, signature, constexprs, tiles["num_warps"])
-                print("compiled jagged_dense_bmm", k_dim, n_dim, dtype, transposed, flush=True)
+                footprint = _compile(kernel, signature, constexprs, tiles["num_warps"])
+                print("compiled jagged_dense_bmm", k_dim, n_dim, dtype, transposed, footprint, flush=True)
 
 
 if __name__ == "__main__":

@@ -304,7 +304,10 @@ def _tiles(head_dim: int, causal: bool, fused_delta: bool) -> dict:
     at D=32 a 96-register cap makes that 5 (D=32 H=8 140 -> 135). Causal (156 registers at D=64,
     3 programs either way) and the unfused path keep the 64-key tiles (max_L=1024 915 vs 949). At
     D=128, 64 x 64 everywhere with 2 stages (193 vs 199-277 us at max_L=256, 212 vs 238-323 at
-    max_L=1024)."""
+    max_L=1024). The register counts are Triton 3.6's (the GPU image); Triton 3.9's ptxas gives the
+    fused D=64 variant 148 (3 programs an SM) and spills 36 bytes under a 128 cap, which on 3.6
+    measured 1% slower than no cap: after a Triton upgrade, check `python tests/_compile_hopper.py
+    --footprint` and re-measure."""
     if head_dim == 128:
         return dict(KV_BLOCK_M=64, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=2, num_warps=4)
     tiles = dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=3, num_warps=4)
