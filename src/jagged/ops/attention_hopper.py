@@ -250,13 +250,14 @@ if gluon is not None:
 
 
 def _tiles(head_dim: int, max_len: Optional[int]) -> dict:
-    """Tiles by head dim and longest row (H100, graph replay, benchmarks/NOTES.md session 20):
-    32-key tiles and no overlap win at D <= 64 (the kernel's range) and up to max_L=512 at D=128 (D=64
-    max_L=256 uniform 40.7 us vs 44.6 with 64-key tiles overlapped); at D=128 on longer rows the
-    64-key tiles overlapped win (B=64 max_L=1024: 77 vs 86 us)."""
+    """Tiles by head dim and longest row (H100, graph replay, benchmarks/NOTES.md sessions 20 and
+    23): 32-key tiles and no overlap win at D <= 64 (the kernel's range) and up to max_L=512 at D=128
+    (D=64 max_L=256 uniform 40.7 us vs 44.6 with 64-key tiles overlapped), with 3 stages at D <= 64
+    and 2 at D=128 (B=256 max_L=256 D=128 uniform 66.0 -> 64.2 us, max_L=512 162 -> 152); at D=128
+    on longer rows the 64-key tiles overlapped win (B=64 max_L=1024: 77 vs 86 us)."""
     if head_dim == 128 and (max_len is None or max_len > 512):
         return dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, OVERLAP=True, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=32, STAGES=3, OVERLAP=False, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=32, STAGES=2 if head_dim == 128 else 3, OVERLAP=False, num_warps=4)
 
 
 def _tma_ready(x: torch.Tensor) -> bool:
