@@ -115,6 +115,28 @@ def test_property(lengths, heads, head_dim, causal, data):
 
 
 @gpu_only
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim, max_len", [(32, 300), (64, 200), (128, 200)])
+def test_self_attention_offsets_shared_or_loaded(causal, head_dim, max_len, hopper_calls, backward_calls):
+    """Self-attention with one offsets tensor takes each row's key span from the row scan
+    (SAME_OFFSETS); with an equal copy as k_offsets the kernels load it. Same outputs and
+    gradients, bit for bit."""
+    lengths = [max_len - 3, 0, 1, 64, 65, max_len, 17]
+    offsets = make_offsets(lengths)
+    assert attention_hopper.same_offsets(offsets, offsets)
+    assert not attention_hopper.same_offsets(offsets, offsets.clone())
+    q, k, v, do = (random_values((sum(lengths), 2, head_dim), torch.bfloat16) for _ in range(4))
+    results = []
+    for k_offsets in (offsets, offsets.clone()):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = jagged.jagged_flash_attention_values(*leaves, offsets, k_offsets, causal=causal, max_len=max_len)
+        results.append((out, *torch.autograd.grad(out, leaves, do)))
+    assert hopper_calls == [True, True] and backward_calls == [True, True]
+    for name, shared, loaded in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(shared, loaded), name
+
+
+@gpu_only
 def test_strided_qkv_from_fused_projection(monkeypatch, hopper_calls, backward_calls):
     """q, k, v as views of one [T, 3, H, D] tensor: TMA reads rows 3 * H * D apart."""
     lengths = [60, 0, 130, 7]
