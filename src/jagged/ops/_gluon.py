@@ -1,7 +1,7 @@
 """Gluon (Hopper, sm_90) pieces shared by the library's Gluon kernels (ops/attention_hopper.py,
 ops/attention_hopper_backward.py, ops/bmm_hopper.py): Triton's Gluon modules (``gluon`` is None
-without them), the TMA load and CTA barrier under each Triton release's name, the wgmma and
-store layouts, the 16-byte row store, TMA descriptors, and the sm_90 test.
+without them), the TMA load, cp.async and CTA barrier under each Triton release's name, the wgmma
+and store layouts, the 16-byte row store, TMA descriptors, and the sm_90 test.
 
 Gluon is Triton's experimental layer and its API has changed between releases (Triton 3.6 names
 the TMA load ``async_copy_global_to_shared``, 3.9 ``async_load``): every launcher catches a
@@ -19,11 +19,13 @@ from triton.compiler.errors import CompilationError
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # a Triton without Gluon: the Triton kernels serve every call
-    gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = TensorDescriptor = None
+    gluon = gl = async_copy = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = None
+    TensorDescriptor = None
 
 DTYPES = (torch.bfloat16, torch.float16)
 # What a Gluon kernel's first launch raises when this Triton's Gluon API differs from the one the
@@ -44,6 +46,10 @@ def compile_failed(failed: set, key, kernel_name: str, error: Exception) -> bool
 
 if gluon is not None:
     tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    # cp.async (per-thread global -> shared copies, any 4-byte alignment, masked lanes zero-filled),
+    # and the arrive on an mbarrier once a thread's copies have landed: 3.9 / 3.6 names.
+    async_load = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
+    async_copy_arrive = async_copy.mbarrier_arrive
     cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier  # 3.9 / 3.6 names
 
     @gluon.constexpr_function

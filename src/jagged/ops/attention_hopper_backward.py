@@ -10,7 +10,9 @@ kernel before it, or on short rows (fuses_delta) from the kernel itself, out of 
 stream with Q and dO. As in the Hopper forward (ops/attention_hopper.py):
 
 - Q, dO, K and V tiles arrive by TMA into a ring of shared-memory stages guarded by mbarriers;
-  all matmuls are async wgmma, the second operand of dV, dK and dQ taken from registers.
+  all matmuls are async wgmma, the second operand of dV, dK and dQ taken from registers. A dK/dV
+  program's per-query lse (and delta) ride the same ring by cp.async (VECTOR_RING, _tiles): a
+  TMA box must start 16-byte aligned, and a row's queries start anywhere.
 - Only the causal diagonal and, in the dQ programs, the row's last key tile are masked.
 - TMA reads a row's last tile whole, taking in rows of the next row. A dK/dV program zeroes those
   query rows of Q and dO in shared memory (their weights are then exactly 0: their lse is
@@ -44,14 +46,37 @@ if gluon is not None:
     _store_layout = attention_hopper._store_layout
     _load_pair = attention_hopper._load_pair
     _store_rows = attention_hopper._store_rows
+    _async_load = _gluon.async_load
+    _async_copy_arrive = _gluon.async_copy_arrive
     _mma_layout = attention_hopper._mma_layout
 
     @gluon.jit
+    def _copy_vectors(v_ptr, w_ptr, v_smem, w_smem, bar, stage, tile, base, length, BLOCK: gl.constexpr,
+                      VECTORS: gl.constexpr, num_warps: gl.constexpr):
+        """cp.async the entries tile * BLOCK.. of VECTORS per-query float32 vectors (v, then w; at
+        ``base`` in each, the ones at or past ``length`` zero-filled) into their stage of two rings,
+        the stage's mbarrier held until they land. Not TMA: a TMA box must start 16-byte aligned,
+        and a row's queries start anywhere."""
+        if VECTORS > 0:
+            layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+            index = tile * BLOCK + gl.arange(0, BLOCK, layout=layout)
+            inside = index < length
+            _async_load(v_smem.index(stage), v_ptr + base + index, mask=inside)
+            if VECTORS > 1:
+                _async_load(w_smem.index(stage), w_ptr + base + index, mask=inside)
+            # Each thread's arrive adds one to the phase's count and completes once its copies have
+            # landed: the phase (begun by the mbarrier.expect after it) waits for them.
+            _async_copy_arrive(bar)
+
+    @gluon.jit
     def _load_ring(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, bars, tile, first_row, col, BLOCK: gl.constexpr,
-                   STAGES: gl.constexpr, THREE: gl.constexpr):
-        """_load_pair, of a third tensor too if THREE."""
+                   STAGES: gl.constexpr, THREE: gl.constexpr, v_ptr, w_ptr, v_smem, w_smem, vec_base, vec_length,
+                   VECTORS: gl.constexpr, num_warps: gl.constexpr):
+        """_load_pair, of a third tensor too if THREE, and _copy_vectors of VECTORS per-query vectors."""
+        stage = tile % STAGES
+        _copy_vectors(v_ptr, w_ptr, v_smem, w_smem, bars.index(stage), stage, tile, vec_base, vec_length, BLOCK,
+                      VECTORS, num_warps)
         if THREE:
-            stage = tile % STAGES
             bar = bars.index(stage)
             mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes + c_desc.block_type.nbytes)
             _tma_load(a_desc, [first_row + tile * BLOCK, col], bar, a_smem.index(stage))
@@ -63,11 +88,13 @@ if gluon is not None:
     @gluon.jit
     def _open_tiles(once_a_desc, once_b_desc, once_c_desc, ring_a_desc, ring_b_desc, ring_c_desc, once_row, ring_row,
                     col, n_tiles, BLOCK: gl.constexpr, STAGES: gl.constexpr, ONCE_C: gl.constexpr,
-                    RING_C: gl.constexpr):
+                    RING_C: gl.constexpr, v_ptr, w_ptr, vec_base, vec_length, VECTORS: gl.constexpr,
+                    num_warps: gl.constexpr):
         """Shared memory for the tiles a program loads once (rows once_row on: a, b, and c if
         ONCE_C) and those it streams through a ring of STAGES (tiles of BLOCK rows from ring_row
-        on: a, b, and c if RING_C), with their mbarriers; starts the loads of the first and of the
-        ring's first STAGES - 1 tiles. An absent c is returned as a."""
+        on: a, b, and c if RING_C; and VECTORS per-query float32 vectors v, w, entries from
+        vec_base on), with their mbarriers; starts the loads of the first and of the ring's first
+        STAGES - 1 tiles. An absent c, v or w ring is returned as a / a's ring."""
         once_a = gl.allocate_shared_memory(once_a_desc.dtype, once_a_desc.block_type.shape, once_a_desc.layout)
         once_b = gl.allocate_shared_memory(once_b_desc.dtype, once_b_desc.block_type.shape, once_b_desc.layout)
         once_c = once_a
@@ -81,6 +108,13 @@ if gluon is not None:
         if RING_C:
             ring_c = gl.allocate_shared_memory(ring_c_desc.dtype, [STAGES] + ring_c_desc.block_type.shape,
                                                ring_c_desc.layout)
+        ring_v = ring_a
+        ring_w = ring_a
+        vector_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        if VECTORS > 0:
+            ring_v = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK], vector_layout)
+        if VECTORS > 1:
+            ring_w = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK], vector_layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         once_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -97,8 +131,8 @@ if gluon is not None:
         for i in gl.static_range(STAGES - 1):
             if i < n_tiles:
                 _load_ring(ring_a_desc, ring_b_desc, ring_c_desc, ring_a, ring_b, ring_c, bars, i, ring_row, col, BLOCK,
-                           STAGES, RING_C)
-        return once_a, once_b, once_c, ring_a, ring_b, ring_c, bars, once_bar
+                           STAGES, RING_C, v_ptr, w_ptr, ring_v, ring_w, vec_base, vec_length, VECTORS, num_warps)
+        return once_a, once_b, once_c, ring_a, ring_b, ring_c, ring_v, ring_w, bars, once_bar
 
     @gluon.jit
     def _row_delta(do_tile, o_tile, first, length, layout: gl.constexpr, HEAD_D: gl.constexpr,
@@ -124,7 +158,7 @@ if gluon is not None:
         k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, SCAN: gl.constexpr, FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr,
-        num_warps: gl.constexpr,
+        VECTOR_RING: gl.constexpr, num_warps: gl.constexpr,
     ):
         """dK, dV of one block of BLOCK_N keys of one row: stream over the row's queries in tiles of
         BLOCK_M. Transposed score tiles [keys, queries], so that dV += P^T dO and dK += dS^T Q take
@@ -147,9 +181,15 @@ if gluon is not None:
             st_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_M)
             acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_D)
             a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-            k_smem, v_smem, _, q_smem, do_smem, o_smem, bars, kv_bar = _open_tiles(
+            # VECTOR_RING: lse (and, without FUSED_DELTA, delta) of each query tile ride the Q / dO ring
+            # (cp.async, same mbarrier). Loaded at the top of their own tile instead, their L2 latency
+            # stands in front of the exponent; the ring costs registers (_tiles).
+            VECTORS: gl.constexpr = (1 if FUSED_DELTA else 2) if VECTOR_RING else 0
+            vec_base = head * stride_lh + q_begin + start_m
+            k_smem, v_smem, _, q_smem, do_smem, o_smem, lse_smem, delta_smem, bars, kv_bar = _open_tiles(
                 k_desc, v_desc, k_desc, q_desc, do_desc, o_desc, k_begin + key_start, q_begin + start_m, col, n_tiles,
-                BLOCK_M, STAGES, False, FUSED_DELTA)
+                BLOCK_M, STAGES, False, FUSED_DELTA, lse_ptr, delta_ptr, vec_base, q_len - start_m, VECTORS,
+                num_warps)
 
             keys = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
             st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
@@ -159,32 +199,43 @@ if gluon is not None:
             for j in range(n_tiles):
                 if j + STAGES - 1 < n_tiles:  # its stage's last reader, tile j - 1, has finished
                     _load_ring(q_desc, do_desc, o_desc, q_smem, do_smem, o_smem, bars, j + STAGES - 1,
-                               q_begin + start_m, col, BLOCK_M, STAGES, FUSED_DELTA)
+                               q_begin + start_m, col, BLOCK_M, STAGES, FUSED_DELTA, lse_ptr, delta_ptr, lse_smem,
+                               delta_smem, vec_base, q_len - start_m, VECTORS, num_warps)
                 q_start = start_m + j * BLOCK_M
-                queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
-                query_ok = queries < q_len
-                # A query past the row (or that saw no key) has lse = +inf: its weights are 0.
-                lse = gl.load(lse_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=float("inf"))
-                if not FUSED_DELTA:
-                    delta = gl.load(delta_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=0.0)
+                if not VECTOR_RING:
+                    queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+                    query_ok = queries < q_len
+                    # A query past the row (or that saw no key) has lse = +inf: its weights are 0.
+                    lse = gl.load(lse_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=float("inf"))
+                    if not FUSED_DELTA:
+                        delta = gl.load(delta_ptr + head * stride_lh + q_begin + queries, mask=query_ok, other=0.0)
                 stage = j % STAGES
                 mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
                 q_tile = q_smem.index(stage)
                 do_tile = do_smem.index(stage)
-                if q_start + BLOCK_M > q_len:  # the next row's queries: zeroed, so that 0 * them is 0
+                partial = q_start + BLOCK_M > q_len
+                if partial:  # the next row's queries: zeroed, so that 0 * them is 0
                     _zero_rows_past(q_tile, q_start, q_len, HEAD_D, num_warps)
                     _zero_rows_past(do_tile, q_start, q_len, HEAD_D, num_warps)
                     fence_async_shared()
                     _cta_barrier()
+                if VECTOR_RING and not FUSED_DELTA:  # 0 past the row (zero-filled)
+                    delta = delta_smem.index(stage).load(gl.SliceLayout(0, st_layout))
                 if FUSED_DELTA:
                     delta = _row_delta(do_tile, o_smem.index(stage), q_start, q_len, gl.SliceLayout(0, st_layout),
                                        HEAD_D, num_warps)
                 st = warpgroup_mma(k_smem, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 dpt = warpgroup_mma(v_smem, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(1, deps=(st, ))
+                if VECTOR_RING:
+                    lse = lse_smem.index(stage).load(gl.SliceLayout(0, st_layout))
+                    if partial:  # past the row (zero-filled): +inf, so that those queries' weights are 0
+                        lse = gl.where(q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout)) < q_len,
+                                       lse, float("inf"))
                 pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
                 if CAUSAL:
                     if key_start + BLOCK_N - 1 > q_start + (k_len - q_len):  # the diagonal crosses the tile
+                        queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
                         visible = gl.expand_dims(keys, 1) <= gl.expand_dims(queries + (k_len - q_len), 0)
                         pt = gl.where(visible, pt, 0.0)
                 pt_op = gl.convert_layout(pt.to(do_desc.dtype), a_layout)
@@ -221,9 +272,9 @@ if gluon is not None:
             s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
             acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_D)
             a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-            q_smem, do_smem, o_smem, k_smem, v_smem, _, bars, q_bar = _open_tiles(
+            q_smem, do_smem, o_smem, k_smem, v_smem, _, _, _, bars, q_bar = _open_tiles(
                 q_desc, do_desc, o_desc, k_desc, v_desc, k_desc, q_begin + q_start, k_begin, col, n_tiles, BLOCK_N,
-                STAGES, FUSED_DELTA, False)
+                STAGES, FUSED_DELTA, False, lse_ptr, delta_ptr, 0, 0, 0, num_warps)
 
             queries = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
             query_ok = queries < q_len
@@ -275,7 +326,7 @@ if gluon is not None:
         stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, KV_BLOCK_M: gl.constexpr, KV_BLOCK_N: gl.constexpr,
         Q_BLOCK_M: gl.constexpr, Q_BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCAN: gl.constexpr,
-        FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr, num_warps: gl.constexpr,
+        FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr, VECTOR_RING: gl.constexpr, num_warps: gl.constexpr,
     ):
         # One launch for both kinds of program (as the Triton backward: they fill each other's tails).
         # FUSED_DELTA: each program makes delta = rowsum(dO * O) from O tiles (the *_o_desc) instead
@@ -286,7 +337,7 @@ if gluon is not None:
             _dkdv_program(slot, head, kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, kv_o_desc, lse_ptr, delta_ptr,
                           dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt,
                           stride_dkh, stride_dvt, stride_dvh, stride_lh, CAUSAL, HEAD_D, KV_BLOCK_M, KV_BLOCK_N, STAGES,
-                          SCAN, FUSED_DELTA, SAME_OFFSETS, num_warps)
+                          SCAN, FUSED_DELTA, SAME_OFFSETS, VECTOR_RING, num_warps)
         else:
             _dq_program(slot - num_kv_slots, head, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc, dq_o_desc, lse_ptr,
                         delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dqt,
@@ -307,14 +358,23 @@ def _tiles(head_dim: int, causal: bool, fused_delta: bool) -> dict:
     max_L=1024). The register counts are Triton 3.6's (the GPU image); Triton 3.9's ptxas gives the
     fused D=64 variant 148 (3 programs an SM) and spills 36 bytes under a 128 cap, which on 3.6
     measured 1% slower than no cap: after a Triton upgrade, check `python tests/_compile_hopper.py
-    --footprint` and re-measure."""
+    --footprint` and re-measure.
+
+    VECTOR_RING (the dK/dV programs' lse and delta through the Q / dO ring instead of a load at the
+    top of each tile; session 24): on everywhere but the fused, non-causal D=64 variant, which it
+    takes from 128 to 136 registers (3 programs an SM; 97 -> 105 us at max_L=256 uniform, and
+    under a 128 cap it spills and still loses at max_L=512, 263 -> 272). Elsewhere: D=32 H=8
+    max_L=256 uniform 137 -> 132, max_L=512 199 -> 192, D=64 causal 91.5 -> 88.7, D=128 194 ->
+    190."""
     if head_dim == 128:
-        return dict(KV_BLOCK_M=64, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=2, num_warps=4)
-    tiles = dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=3, num_warps=4)
+        return dict(KV_BLOCK_M=64, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=2, VECTOR_RING=True, num_warps=4)
+    tiles = dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=64, STAGES=3, VECTOR_RING=True, num_warps=4)
     if fused_delta and not causal:
         tiles["Q_BLOCK_N"] = 32
         if head_dim <= 32:
             tiles["maxnreg"] = 96
+        else:
+            tiles["VECTOR_RING"] = False
     return tiles
 
 
