@@ -45,6 +45,8 @@ GPU_CASES = [
     (64, 2048, 4, 64, "skew", False), (64, 1024, 2, 128, "unif", False), (1024, 128, 2, 32, "skew", False),
     (256, 256, 8, 32, "unif", False), (256, 256, 4, 128, "unif", False),
     (256, 256, 4, 64, "unif", True), (64, 4096, 4, 64, "unif", True),
+    # Recsys batches of over 511 rows (the kernels' two-pass row scan).
+    (1024, 256, 4, 64, "unif", False), (1024, 256, 4, 64, "skew", False),
 ]
 QUICK_CASES = [GPU_CASES[0], GPU_CASES[3], GPU_CASES[8], GPU_CASES[11]]
 CPU_CASES = [(4, 32, 2, 16, "unif", False), (4, 32, 2, 16, "skew", True)]

@@ -68,7 +68,9 @@ def main():
                     x = torch.empty(1024, 2, head_dim, dtype=dtype)
                     q_desc = attention_hopper._descriptor(x, [tiles["BLOCK_M"], head_dim])
                     kv_desc = attention_hopper._descriptor(x, [tiles["BLOCK_N"], head_dim])
-                    constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, SAME_OFFSETS=not causal, **tiles)
+                    # STRIDE: the two-pass row scan (B over 511 rows) on some of the variants.
+                    constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, STRIDE=1 if max_len < 2048 else 64,
+                                      SAME_OFFSETS=not causal, **tiles)
                     signature = dict(q_desc=mangle_type(q_desc), k_desc=mangle_type(kv_desc),
                                      v_desc=mangle_type(kv_desc), o_ptr=_pointer(dtype),
                                      lse_ptr="*fp32", q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",
@@ -95,8 +97,9 @@ def backward():
                                  dv_ptr=_pointer(dtype), q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",
                                  num_kv_slots="i32", qk_scale="fp32", scale="fp32")
                 signature.update({name: "i32" for name in kernel.arg_names if name.startswith("stride")})
-                constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, FUSED_DELTA=fused_delta,
-                                  SAME_OFFSETS=not causal, **tiles)
+                # STRIDE: the two-pass row scan (B over 511 rows) on some of the variants.
+                constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, STRIDE=64 if causal else 1,
+                                  FUSED_DELTA=fused_delta, SAME_OFFSETS=not causal, **tiles)
                 footprint = _compile(kernel, signature, constexprs, tiles["num_warps"])
                 print("compiled backward", head_dim, dtype, causal, fused_delta, footprint, flush=True)
 

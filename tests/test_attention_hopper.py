@@ -156,6 +156,51 @@ def test_strided_qkv_from_fused_projection(monkeypatch, hopper_calls, backward_c
 
 
 @gpu_only
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("batch_size", [512, 700, 2500])
+def test_many_rows_two_pass_scan(batch_size, causal, monkeypatch, hopper_calls, backward_calls):
+    """Over 511 rows the kernels find a program's row in two passes (every 64th offset, then a
+    window of 128): rows on both sides of the sampled offsets, runs of empty rows across them,
+    the last row, against the reference and the Triton kernels."""
+    assert attention_hopper.scan_shape(batch_size, 4)[1] == 64
+    lengths = torch.randint(0, 40, (batch_size,))
+    lengths[torch.randint(0, batch_size, (8,))] = 300
+    lengths[60:70] = 0  # empty rows around the sampled offsets 64 and 128
+    lengths[120:200] = 0
+    lengths[-1] = 129
+    lengths = lengths.tolist()
+    check_hopper(lengths, lengths, 2, 64, torch.bfloat16, causal, max(lengths), monkeypatch, hopper_calls,
+                 backward_calls, self_attention=True)
+
+
+@gpu_only
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim, max_len", [(32, 300), (64, 300), (128, 300)])
+def test_running_max_jumps_mid_row(causal, head_dim, max_len, monkeypatch, hopper_calls):
+    """Scores that grow along each row, steeply for some runs of queries and mildly for others:
+    the running max of a steep query jumps in every key tile, so the accumulator must be
+    rescaled there (a forward that skipped it would be wrong), while the mild ones' barely moves."""
+    lengths = [max_len, 97, 0, 250, 33, 180]
+    offsets = make_offsets(lengths)
+    q, k, v = (random_values((sum(lengths), 2, head_dim), torch.bfloat16) for _ in range(3))
+    position = torch.cat([torch.arange(n, device=q.device) for n in lengths]).float()
+    # Keys grow with their position. Queries come in runs of 16 (one warp's rows of a 64-query
+    # block): every third run is steep, the others mild.
+    k = (k.float() + (position / 16.0)[:, None, None]).to(torch.bfloat16)
+    steep = ((position // 16) % 3 == 0)[:, None, None]
+    q = (q.float().abs() * torch.where(steep, 8.0, 0.05)).to(torch.bfloat16)
+    with torch.no_grad():
+        out, lse = _forward(q, k, v, offsets, offsets, causal, max_len, True, monkeypatch)
+        assert hopper_calls == [True]
+        out_triton, lse_triton = _forward(q, k, v, offsets, offsets, causal, max_len, False, monkeypatch)
+    ref = reference.jagged_attention(q.double(), k.double(), v.double(), offsets, offsets, causal=causal,
+                                     compute_dtype=torch.float64)
+    assert_close(out, ref, tol=torch.bfloat16)
+    assert_close(out, out_triton, tol=torch.bfloat16, name="output vs the Triton kernel")
+    assert_close(lse, lse_triton, tol=torch.float32, name="log-sum-exp")
+
+
+@gpu_only
 @pytest.mark.parametrize("tensor", ["q", "k", "v"])
 def test_rows_isolated_from_non_finite_neighbours(tensor, monkeypatch, hopper_calls):
     """TMA loads a row's last tile whole, rows of the next row included: inf and NaN there must
@@ -279,6 +324,18 @@ def test_unsupported_calls_keep_the_triton_kernel(monkeypatch, hopper_calls):
     monkeypatch.setattr(attention_hopper, "ENABLED", False)
     jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=200)
     assert hopper_calls == []
+
+
+def test_scan_shape():
+    """The row scan's shape: one pass over all offsets up to 511 rows (4 warps), then every 64th
+    offset and a 128-wide window, up to 32767 rows; past that none (the Triton kernels)."""
+    assert [attention_hopper.scan_shape(b, 4) for b in (0, 200, 511)] == [(128, 1), (256, 1), (512, 1)]
+    assert [attention_hopper.scan_shape(b, 4) for b in (512, 8191, 8192, 32767)] == [
+        (128, 64), (128, 64), (256, 64), (512, 64)]
+    assert attention_hopper.scan_shape(32768, 4) == (0, 0)
+    for b in (512, 1000, 4095, 20000, 32767):  # the sampled offsets and the last window cover B + 1
+        scan, stride = attention_hopper.scan_shape(b, 4)
+        assert scan * stride >= b + 1 and 2 * stride == 128
 
 
 def test_not_taken_without_an_sm90_gpu():

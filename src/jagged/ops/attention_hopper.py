@@ -37,7 +37,7 @@ from . import _gluon
 from ._gluon import (DTYPES as _DTYPES, fence_async_shared, gl, gluon, is_sm90 as _is_sm90, matrix_descriptor,
                      mbarrier, warpgroup_mma, warpgroup_mma_wait)
 from ._launch import fast_launch
-from ._utils import TRITON_INTERPRETER, next_power_of_2, scan_width
+from ._utils import SCAN_OFFSETS_PER_THREAD, TRITON_INTERPRETER, next_power_of_2
 
 # JAGGED_HOPPER_ATTENTION=0 keeps every call on the Triton kernel (A/B timing, tests).
 ENABLED = os.environ.get("JAGGED_HOPPER_ATTENTION", "1") != "0"
@@ -58,16 +58,27 @@ if gluon is not None:
         _gluon.store_rows(ptr, acc, first, length, begin, stride_t, head * stride_h, HEAD_D, HEAD_D, num_warps)
 
     @gluon.jit
-    def _slot_row(offsets_ptr, slot, batch_size, BLOCK_M: gl.constexpr, SCAN: gl.constexpr,
+    def _slot_row(offsets_ptr, slot, batch_size, BLOCK_M: gl.constexpr, SCAN: gl.constexpr, STRIDE: gl.constexpr,
                   num_warps: gl.constexpr):
         """ops/_rows.py: scan_row_block in Gluon: a work slot's row, the row's begin and length,
-        and the slot's query block in the row, by one pass over all B + 1 offsets (int32)."""
+        and the slot's query block in the row, by one pass over all B + 1 offsets (int32). With
+        STRIDE > 1 (more offsets than SCAN): two passes, one over every STRIDE-th offset, then one
+        over the 2 * STRIDE that follow the last of those whose key is at most the slot (scan_shape)."""
         layout: gl.constexpr = gl.BlockedLayout([SCAN // (32 * num_warps)], [32], [num_warps], [0])
-        index = gl.arange(0, SCAN, layout=layout)
+        index = gl.arange(0, SCAN, layout=layout) * STRIDE
+        first = 0
+        if STRIDE > 1:
+            # A row's key (see ops/_rows.py: find_row) grows with the row: the keys at most the slot
+            # are a prefix, and the last one of this sampled prefix begins the window holding the row.
+            inside = index <= batch_size
+            offsets = gl.load(offsets_ptr + index, mask=inside, other=0).to(gl.int32)
+            first = (gl.sum((inside & (offsets // BLOCK_M + index <= slot)).to(gl.int32), 0) - 1) * STRIDE
+            fine: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+            index = first + gl.arange(0, 2 * STRIDE, layout=fine)
         inside = index <= batch_size
         offsets = gl.load(offsets_ptr + index, mask=inside, other=0).to(gl.int32)
         below = inside & (offsets // BLOCK_M + index <= slot)
-        row = gl.sum(below.to(gl.int32), 0) - 1
+        row = first + gl.sum(below.to(gl.int32), 0) - 1
         begin = gl.max(gl.where(below, offsets, 0), 0)
         end = gl.min(gl.where(below | ~inside, 2147483647, offsets), 0)
         return row, begin, end - begin, slot - (begin // BLOCK_M + row)
@@ -155,11 +166,12 @@ if gluon is not None:
         q_desc, k_desc, v_desc, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale,
         stride_ot, stride_oh, stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, SCAN: gl.constexpr, OVERLAP: gl.constexpr, SAME_OFFSETS: gl.constexpr,
-        num_warps: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, STRIDE: gl.constexpr, OVERLAP: gl.constexpr,
+        SAME_OFFSETS: gl.constexpr, num_warps: gl.constexpr,
     ):
         head = gl.program_id(1)
-        row, q_begin, q_len, block = _slot_row(q_offsets_ptr, gl.program_id(0), batch_size, BLOCK_M, SCAN, num_warps)
+        row, q_begin, q_len, block = _slot_row(q_offsets_ptr, gl.program_id(0), batch_size, BLOCK_M, SCAN, STRIDE,
+                                               num_warps)
         if block * BLOCK_M >= q_len:  # a spare slot
             return
         q_start = block * BLOCK_M
@@ -260,6 +272,20 @@ def _tiles(head_dim: int, max_len: Optional[int]) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, STAGES=2 if head_dim == 128 else 3, OVERLAP=False, num_warps=4)
 
 
+def scan_shape(batch_size: int, num_warps: int) -> tuple:
+    """_slot_row's SCAN and STRIDE for B rows: one pass over all B + 1 offsets while they fit
+    SCAN_OFFSETS_PER_THREAD a thread (B <= 511 at 4 warps); else every STRIDE-th offset, then a
+    window of 2 * STRIDE, one offset a thread (H100, B=1024 max_L=256 D=64: forward+backward 508 us
+    against 641 for the Triton kernels, which search; benchmarks/NOTES.md, session 25). (0, 0)
+    past what two passes reach (B > 32767 at 4 warps): those calls keep the Triton kernels."""
+    width = 32 * num_warps
+    if batch_size + 1 <= SCAN_OFFSETS_PER_THREAD * width:
+        return max(next_power_of_2(batch_size + 1), width), 1
+    stride = width // 2
+    scan = max(next_power_of_2(-(-(batch_size + 1) // stride)), width)
+    return (scan, stride) if scan <= SCAN_OFFSETS_PER_THREAD * width else (0, 0)
+
+
 def _tma_ready(x: torch.Tensor) -> bool:
     """[T, H, D] that TMA can read as a [T, H * D] matrix: heads adjacent, 16-byte aligned rows."""
     heads, dim = x.shape[1], x.shape[2]
@@ -272,7 +298,7 @@ def hopper_inputs_supported(tensors: tuple, q_offsets: torch.Tensor, scale: floa
     """What both Hopper attention kernels (this forward, attention_hopper_backward) need of their
     (validated) inputs: Gluon, an sm_90 GPU, plain softmax with a positive scale, ``tensors`` (q,
     k, v first; [T, H, D]) 16-bit of one dtype and one head dim in 32/64/128 and TMA-readable, at
-    most 511 rows (the row scan), at least one key, and every element offset the kernels form in
+    most 32767 rows (the two-pass row scan: scan_shape), at least one key, and every element offset the kernels form in
     int32 within range (``int32_offsets``: ops/attention.py's _int32_offsets)."""
     if gluon is None or not enabled or TRITON_INTERPRETER or not plain_softmax or not scale > 0:
         return False
@@ -286,7 +312,7 @@ def hopper_inputs_supported(tensors: tuple, q_offsets: torch.Tensor, scale: floa
         return False
     if not int32_offsets or k.shape[0] == 0:  # a TMA descriptor needs a key
         return False
-    if scan_width(q_offsets.numel() - 1, 4, max(q.shape[0], k.shape[0])) == 0:
+    if scan_shape(q_offsets.numel() - 1, 4)[0] == 0 or max(q.shape[0], k.shape[0]) >= 2 ** 31:
         return False
     return all(_tma_ready(x) for x in tensors)
 
@@ -331,14 +357,14 @@ def attention_forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     key = (head_dim, causal, q.dtype, same, tuple(sorted(tiles.items())))
     if key in _FAILED:
         return False
-    scan = max(next_power_of_2(batch_size + 1), 32 * tiles["num_warps"])
+    scan, stride = scan_shape(batch_size, tiles["num_warps"])
     grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
     try:
         _attention_forward_hopper_kernel[grid](
             _descriptor(q, [tiles["BLOCK_M"], head_dim]), _descriptor(k, [tiles["BLOCK_N"], head_dim]),
             _descriptor(v, [tiles["BLOCK_N"], head_dim]), out, lse, q_offsets, k_offsets, batch_size,
             scale * 1.4426950408889634, out.stride(0), out.stride(1), lse.stride(0),
-            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, SAME_OFFSETS=same, **tiles)
+            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, STRIDE=stride, SAME_OFFSETS=same, **tiles)
     except _gluon.COMPILE_ERRORS as error:  # Gluon's API moves between releases
         return _gluon.compile_failed(_FAILED, key, "attention forward", error)
     return True

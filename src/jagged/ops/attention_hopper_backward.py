@@ -31,7 +31,6 @@ import torch
 from . import _gluon, attention_hopper
 from ._gluon import fence_async_shared, gl, gluon, mbarrier, warpgroup_mma, warpgroup_mma_wait
 from ._launch import fast_launch
-from ._utils import next_power_of_2
 
 # JAGGED_HOPPER_ATTENTION_BACKWARD=0 keeps every backward on the Triton kernel.
 ENABLED = os.environ.get("JAGGED_HOPPER_ATTENTION_BACKWARD", "1") != "0"
@@ -157,13 +156,13 @@ if gluon is not None:
         slot, head, q_desc, k_desc, v_desc, do_desc, o_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_offsets_ptr,
         k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, SCAN: gl.constexpr, FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr,
-        VECTOR_RING: gl.constexpr, num_warps: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, STRIDE: gl.constexpr, FUSED_DELTA: gl.constexpr,
+        SAME_OFFSETS: gl.constexpr, VECTOR_RING: gl.constexpr, num_warps: gl.constexpr,
     ):
         """dK, dV of one block of BLOCK_N keys of one row: stream over the row's queries in tiles of
         BLOCK_M. Transposed score tiles [keys, queries], so that dV += P^T dO and dK += dS^T Q take
         P^T and dS^T from registers."""
-        row, k_begin, k_len, block = _slot_row(k_offsets_ptr, slot, batch_size, BLOCK_N, SCAN, num_warps)
+        row, k_begin, k_len, block = _slot_row(k_offsets_ptr, slot, batch_size, BLOCK_N, SCAN, STRIDE, num_warps)
         if block * BLOCK_N < k_len:
             if SAME_OFFSETS:  # self-attention: the scan found the query span too
                 q_begin = k_begin
@@ -256,12 +255,12 @@ if gluon is not None:
         slot, head, q_desc, k_desc, v_desc, do_desc, o_desc, lse_ptr, delta_ptr, dq_ptr, q_offsets_ptr,
         k_offsets_ptr, batch_size, qk_scale, scale, stride_dqt, stride_dqh, stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, SCAN: gl.constexpr, FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr,
-        num_warps: gl.constexpr,
+        STAGES: gl.constexpr, SCAN: gl.constexpr, STRIDE: gl.constexpr, FUSED_DELTA: gl.constexpr,
+        SAME_OFFSETS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """dQ of one block of BLOCK_M queries of one row: stream over the row's keys in tiles of
         BLOCK_N (the forward's walk)."""
-        row, q_begin, q_len, block = _slot_row(q_offsets_ptr, slot, batch_size, BLOCK_M, SCAN, num_warps)
+        row, q_begin, q_len, block = _slot_row(q_offsets_ptr, slot, batch_size, BLOCK_M, SCAN, STRIDE, num_warps)
         if block * BLOCK_M < q_len:
             q_start = block * BLOCK_M
             k_begin, k_len, end_n = attention_hopper._key_span(k_offsets_ptr, row, q_begin, q_start, q_len, CAUSAL,
@@ -326,7 +325,8 @@ if gluon is not None:
         stride_lh,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, KV_BLOCK_M: gl.constexpr, KV_BLOCK_N: gl.constexpr,
         Q_BLOCK_M: gl.constexpr, Q_BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCAN: gl.constexpr,
-        FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr, VECTOR_RING: gl.constexpr, num_warps: gl.constexpr,
+        STRIDE: gl.constexpr, FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr, VECTOR_RING: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         # One launch for both kinds of program (as the Triton backward: they fill each other's tails).
         # FUSED_DELTA: each program makes delta = rowsum(dO * O) from O tiles (the *_o_desc) instead
@@ -337,11 +337,11 @@ if gluon is not None:
             _dkdv_program(slot, head, kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, kv_o_desc, lse_ptr, delta_ptr,
                           dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt,
                           stride_dkh, stride_dvt, stride_dvh, stride_lh, CAUSAL, HEAD_D, KV_BLOCK_M, KV_BLOCK_N, STAGES,
-                          SCAN, FUSED_DELTA, SAME_OFFSETS, VECTOR_RING, num_warps)
+                          SCAN, STRIDE, FUSED_DELTA, SAME_OFFSETS, VECTOR_RING, num_warps)
         else:
             _dq_program(slot - num_kv_slots, head, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc, dq_o_desc, lse_ptr,
                         delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dqt,
-                        stride_dqh, stride_lh, CAUSAL, HEAD_D, Q_BLOCK_M, Q_BLOCK_N, STAGES, SCAN, FUSED_DELTA,
+                        stride_dqh, stride_lh, CAUSAL, HEAD_D, Q_BLOCK_M, Q_BLOCK_N, STAGES, SCAN, STRIDE, FUSED_DELTA,
                         SAME_OFFSETS, num_warps)
 
 
@@ -423,7 +423,7 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     key = (head_dim, causal, q.dtype, fused, same, tuple(sorted(tiles.items())))
     if key in _FAILED:
         return False
-    scan = max(next_power_of_2(batch_size + 1), 32 * tiles["num_warps"])
+    scan, stride = attention_hopper.scan_shape(batch_size, tiles["num_warps"])
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + total_q // tiles["Q_BLOCK_M"]
     descriptors = {}
@@ -443,7 +443,7 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
             lse, lse if fused else delta, dq, dk, dv, q_offsets, k_offsets, batch_size, num_kv_slots,
             scale * 1.4426950408889634, scale,
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, FUSED_DELTA=fused, SAME_OFFSETS=same, **tiles)
+            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, STRIDE=stride, FUSED_DELTA=fused, SAME_OFFSETS=same, **tiles)
     except _gluon.COMPILE_ERRORS as error:  # Gluon's API moves between releases
         return _gluon.compile_failed(_FAILED, key, "attention backward", error)
     return True
