@@ -49,13 +49,15 @@ def main():
                     warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
                     if kernel_name == "forward":
                         kernel = attention._attention_forward_kernel
-                        # Both row finders: the scan over the offsets and the binary search.
                         constexprs = dict(head_dim=32, head_dim_v=32, SCALE_IN_EXP=feature == "plain",
-                                          SCAN_ROWS=512 if int32 else 0, **common, **tiles)
+                                          **common, **tiles)
                     else:
                         kernel = attention._attention_backward_kernel
-                        constexprs = dict(BIAS_GRAD=flags["HAS_BIAS"], BLOCK_W=128, SCAN_ROWS=512 if int32 else 0,
-                                          **common, **tiles)
+                        constexprs = dict(BIAS_GRAD=flags["HAS_BIAS"], BLOCK_W=128, **common, **tiles)
+                    # The row finders: the one-pass scan (int32, short rows), the two-pass scan
+                    # (int32, long rows), the binary search (int64).
+                    constexprs.update(SCAN_ROWS=(512 if max_len else 64) if int32 else 0,
+                                      SCAN_STRIDE=1 if max_len or not int32 else 64)
                     compile_variant(kernel, f"{kernel_name} {feature} int32={int32} max_len={max_len}", constexprs,
                                     warps, stages)
 

@@ -286,19 +286,21 @@ def test_gpu_tile_buckets(dtype, head_dim, max_len, causal):
     check_attention(lengths, k_lengths, 2, head_dim, head_dim, dtype, causal, max_len=max(lengths + k_lengths))
 
 
-@pytest.mark.parametrize("row_finder", ["scan", "search"])
+@pytest.mark.parametrize("row_finder", ["scan", "two-pass scan", "search"])
 @pytest.mark.parametrize("int32_offsets", [False, True], ids=["int64", "int32"])
 def test_offset_widths(monkeypatch, int32_offsets, row_finder):
     """The kernels narrow row positions to int32 when every element offset fits
     (INT32_OFFSETS); both widths must match the reference (the large GPU test in
     tests/test_gpu_scale.py reaches int64 with real tensors past 2^31 elements). Each with
-    both ways of finding a program's row: the scan over all offsets (small batches) and the
-    binary search (large ones)."""
+    every way of finding a program's row: the scan over all offsets (small batches), the
+    two-pass scan (over 511 rows; here forced, with a stride of 2) and the binary search."""
     from jagged.ops import attention
 
     monkeypatch.setattr(attention, "_int32_offsets", lambda *args: int32_offsets)
     if row_finder == "search":
-        monkeypatch.setattr(attention, "scan_width", lambda *args: 0)
+        monkeypatch.setattr(attention, "scan_shape", lambda *args: (0, 1))
+    elif row_finder == "two-pass scan":  # 6 offsets: every second one (4), then windows of 4
+        monkeypatch.setattr(attention, "scan_shape", lambda *args: (4, 2))
     q_lengths = [40, 7, 0, 33, 1]
     check_attention(q_lengths, q_lengths, 2, 32, 16, torch.float32, True, self_attention=True)
     check_attention(q_lengths, [29, 0, 3, 50, 16], 2, 16, 32, torch.float16, False)

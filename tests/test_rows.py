@@ -8,14 +8,15 @@ import triton.language as tl
 
 from helpers import DEVICE, ON_GPU, make_offsets
 from jagged.ops._rows import slot_row_block
-from jagged.ops._utils import SCAN_OFFSETS_PER_THREAD, next_power_of_2, scan_width, slot_search
+from jagged.ops._utils import SCAN_OFFSETS_PER_THREAD, next_power_of_2, scan_shape, scan_width, slot_search
 
 
 @triton.jit
 def _row_block_kernel(offsets_ptr, out_ptr, batch_size, row_search, BLOCK: tl.constexpr, WIDE_SEARCH: tl.constexpr,
-                      SCAN: tl.constexpr):
+                      SCAN: tl.constexpr, SCAN_STRIDE: tl.constexpr):
     slot = tl.program_id(0).to(tl.int64)
-    row, begin, length, block = slot_row_block(offsets_ptr, slot, batch_size, row_search, BLOCK, WIDE_SEARCH, SCAN)
+    row, begin, length, block = slot_row_block(offsets_ptr, slot, batch_size, row_search, BLOCK, WIDE_SEARCH, SCAN,
+                                               SCAN_STRIDE)
     tl.store(out_ptr + 4 * slot, row)
     tl.store(out_ptr + 4 * slot + 1, block)
     tl.store(out_ptr + 4 * slot + 2, begin)
@@ -37,11 +38,11 @@ def expected_slots(lengths, block):
 
 @pytest.mark.parametrize("batch_size", [1, 2, 31, 32, 33, 100, 1023, 1025, 1100])
 @pytest.mark.parametrize("block", [4, 16])
-@pytest.mark.parametrize("finder", ["32-way", "binary", "scan"])
+@pytest.mark.parametrize("finder", ["32-way", "binary", "scan", "two-pass scan"])
 def test_row_block_finds_every_slot_row(batch_size, block, finder):
-    if finder == "scan" and batch_size > 100 and not ON_GPU:
-        # A 2048-wide scan in each of ~2,000 programs takes minutes in the interpreter (its
-        # reduction combines element by element); the GPU suite runs these sizes.
+    if finder in ("scan", "two-pass scan") and batch_size > 100 and not ON_GPU:
+        # A 2048-wide scan (or two 64-wide ones) in each of ~2,000 programs takes minutes in the
+        # interpreter (its reduction combines element by element); the GPU suite runs these sizes.
         pytest.skip("the interpreter: a 2048-wide scan per program; run on the GPU")
     generator = torch.Generator().manual_seed(batch_size * block)
     lengths = torch.randint(0, 3 * block, (batch_size,), generator=generator)
@@ -52,9 +53,12 @@ def test_row_block_finds_every_slot_row(batch_size, block, finder):
     assert len(slots) == batch_size + sum(lengths) // block  # the grid every launcher uses
     out = torch.full((len(slots), 4), -1, dtype=torch.int64, device=DEVICE)
     wide = finder == "32-way"
-    scan = next_power_of_2(batch_size + 1) if finder == "scan" else 0
+    scan, stride = (next_power_of_2(batch_size + 1) if finder == "scan" else 0), 1
+    if finder == "two-pass scan":  # small strides, so that short batches take both passes too
+        stride = 32 if batch_size > 100 else 4
+        scan = next_power_of_2(-(-(batch_size + 1) // stride))
     _row_block_kernel[(len(slots),)](offsets, out, batch_size, slot_search(batch_size, wide), BLOCK=block,
-                                     WIDE_SEARCH=wide, SCAN=scan)
+                                     WIDE_SEARCH=wide, SCAN=scan, SCAN_STRIDE=stride)
     assert out.cpu().tolist() == [list(s) for s in slots]
 
 
@@ -65,6 +69,19 @@ def test_scan_width():
     assert [scan_width(b, 4, 100) for b in (0, 1, 255, 256, 511, 512)] == [1, 2, 256, 512, 512, 0]
     assert scan_width(255, 2, 100) == 256 and scan_width(256, 2, 100) == 0 and scan_width(1023, 8, 100) == 1024
     assert scan_width(100, 4, 2 ** 31 - 1) == 128 and scan_width(100, 4, 2 ** 31) == 0
+
+
+def test_scan_shape():
+    """One pass up to SCAN_OFFSETS_PER_THREAD offsets a thread; then two: every (16 * warps)-th
+    offset, at most 4 a thread, and a window of twice that; past that, or 2^31 tokens, the search."""
+    assert [scan_shape(b, 4, 100) for b in (0, 1, 511)] == [(1, 1), (2, 1), (512, 1)]
+    assert [scan_shape(b, 4, 100) for b in (512, 1023, 8192, 32767)] == [(16, 64), (16, 64), (256, 64), (512, 64)]
+    assert scan_shape(32768, 4, 100) == (0, 1) and scan_shape(1000, 4, 2 ** 31) == (0, 1)
+    assert scan_shape(255, 2, 100) == (256, 1) and scan_shape(256, 2, 100) == (16, 32)
+    assert scan_shape(0, 4, 100, min_width=128) == (128, 1) and scan_shape(600, 4, 100, min_width=128) == (128, 64)
+    for batch_size in (512, 999, 4096, 32767):  # the sampled offsets reach B
+        width, stride = scan_shape(batch_size, 4, 100)
+        assert width * stride >= batch_size + 1
 
 
 def test_search_levels():

@@ -149,32 +149,42 @@ def _scan_combine(count_a, begin_a, end_a, count_b, begin_b, end_b):
 
 
 @triton.jit
-def scan_row_block(offsets_ptr, slot, batch_size, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+def scan_row_block(offsets_ptr, slot, batch_size, BLOCK: tl.constexpr, SCAN: tl.constexpr, STRIDE: tl.constexpr = 1):
     """row_block by one parallel pass instead of a search: the program loads all B + 1 offsets
     at once (SCAN >= B + 1, a power of two) and reduces them: the row is the count of keys <=
     slot (see find_row) less one, its begin the largest offset among those keys, its end the
     smallest among the others. One load latency instead of a search's ceil(log2 B) dependent
-    ones, which held a short-row attention program ~26% of its life (ncu, H100). Runs in int32:
-    offsets < 2^31 (ops/_utils.py: scan_width checks the token count); returns int64 like
-    row_block."""
+    ones, which held a short-row attention program ~26% of its life (ncu, H100). With STRIDE > 1
+    (ops/_utils.py: scan_shape), two passes: over every STRIDE-th offset (SCAN of them), which
+    finds the last sampled row whose key is <= slot (the keys grow with the row), then over the
+    2 * STRIDE offsets from there. Runs in int32: offsets < 2^31 (scan_shape checks the token
+    count); returns int64 like row_block."""
+    slot32 = slot.to(tl.int32)
+    first = 0
     index = tl.arange(0, SCAN)
+    if STRIDE > 1:
+        index = index * STRIDE
+        inside = index <= batch_size
+        offsets = tl.load(offsets_ptr + index, mask=inside, other=0).to(tl.int32)
+        first = (tl.sum((inside & (offsets // BLOCK + index <= slot32)).to(tl.int32), 0) - 1) * STRIDE
+        index = first + tl.arange(0, 2 * STRIDE)
     inside = index <= batch_size
     offsets = tl.load(offsets_ptr + index, mask=inside, other=0).to(tl.int32)
-    below = inside & (offsets // BLOCK + index <= slot.to(tl.int32))
+    below = inside & (offsets // BLOCK + index <= slot32)
     count, begin, end = tl.reduce((below.to(tl.int32), tl.where(below, offsets, 0),
                                    tl.where(below | ~inside, 2147483647, offsets)), 0, _scan_combine)
-    row = (count - 1).to(tl.int64)
+    row = (first + count - 1).to(tl.int64)
     begin = begin.to(tl.int64)
     return row, begin, end.to(tl.int64) - begin, slot - (begin // BLOCK + row)
 
 
 @triton.jit
 def slot_row_block(offsets_ptr, slot, batch_size, row_search, BLOCK: tl.constexpr, WIDE_SEARCH: tl.constexpr,
-                   SCAN: tl.constexpr):
-    """row_block, by one parallel pass over the offsets when SCAN > 0 (ops/_utils.py:
-    scan_width), else by the search; the row in int64 either way."""
+                   SCAN: tl.constexpr, SCAN_STRIDE: tl.constexpr = 1):
+    """row_block, by one (or, SCAN_STRIDE > 1, two) parallel passes over the offsets when
+    SCAN > 0 (ops/_utils.py: scan_shape), else by the search; the row in int64 either way."""
     if SCAN > 0:
-        row, begin, length, block = scan_row_block(offsets_ptr, slot, batch_size, BLOCK, SCAN)
+        row, begin, length, block = scan_row_block(offsets_ptr, slot, batch_size, BLOCK, SCAN, SCAN_STRIDE)
     else:
         row, begin, length, block = row_block(offsets_ptr, slot, batch_size, row_search, BLOCK, WIDE_SEARCH)
         row = row.to(tl.int64)

@@ -78,11 +78,29 @@ def slot_search(batch_size: int, wide: bool = True) -> int:
 SCAN_OFFSETS_PER_THREAD = 4
 
 
+def scan_shape(batch_size: int, num_warps: int, total: int, min_width: int = 1) -> tuple:
+    """The SCAN and SCAN_STRIDE constexprs of ops/_rows.py: slot_row_block (and of the Gluon
+    kernels' twin, ops/attention_hopper.py: _slot_row). Up to SCAN_OFFSETS_PER_THREAD offsets a
+    thread, one pass over all B + 1 (SCAN a power of two >= B + 1, at least ``min_width``;
+    stride 1). Beyond, two: every STRIDE-th offset (STRIDE = 16 * num_warps), then a window of
+    2 * STRIDE, one offset a thread, up to 64 * (32 * num_warps)^2 / 32 rows (32767 at 4 warps).
+    (0, 1), the search, past that or with ``total`` tokens past int32."""
+    if total >= 2 ** 31:
+        return 0, 1
+    threads = 32 * num_warps
+    limit = SCAN_OFFSETS_PER_THREAD * threads
+    if batch_size + 1 <= limit:
+        return max(next_power_of_2(batch_size + 1), min_width), 1
+    stride = threads // 2
+    width = max(next_power_of_2(-(-(batch_size + 1) // stride)), min_width)
+    return (width, stride) if width <= limit else (0, 1)
+
+
 def scan_width(batch_size: int, num_warps: int, total: int) -> int:
-    """The SCAN constexpr of ops/_rows.py: slot_row_block: the scan's width (a power of two >=
-    B + 1), or 0 for the search (too many offsets a thread, or ``total`` tokens past int32)."""
-    width = next_power_of_2(batch_size + 1)
-    return width if width <= SCAN_OFFSETS_PER_THREAD * 32 * num_warps and total < 2 ** 31 else 0
+    """The one-pass scan's width (scan_shape), or 0 (the search) where it would take two passes:
+    for the kernels without the two-pass scan (the batched matmuls, which search 32 ways)."""
+    width, stride = scan_shape(batch_size, num_warps, total)
+    return width if stride == 1 else 0
 
 
 def check_tensor(x, name: str) -> None:

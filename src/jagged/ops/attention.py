@@ -30,7 +30,7 @@ from ._library import jagged_op
 from ._launch import fast_launch
 from ._rows import row_block, row_span, slot_row_block
 from ._utils import (TRITON_INTERPRETER, check_max_len, check_offsets, check_offsets_content, check_same_rows, check_tensor,
-                     dot_precision, jagged_tensor_type, next_power_of_2, scan_width, slot_search, unit_last_stride,
+                     dot_precision, jagged_tensor_type, next_power_of_2, scan_shape, slot_search, unit_last_stride,
                      use_triton)
 
 LOG2_E = 1.4426950408889634
@@ -192,12 +192,13 @@ def _attention_forward_kernel(
     stride_vt, stride_vh, stride_ot, stride_oh, stride_lh, stride_bh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
-    SCALE_IN_EXP: tl.constexpr, INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    SCALE_IN_EXP: tl.constexpr, INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, SCAN_STRIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     head = _narrow(tl.program_id(1).to(tl.int64), INT32_OFFSETS)
     row, q_begin, q_len, block = slot_row_block(q_offsets_ptr, tl.program_id(0).to(tl.int64), batch_size, row_search,
-                                                BLOCK_M, False, SCAN_ROWS)
+                                                BLOCK_M, False, SCAN_ROWS, SCAN_STRIDE)
     if block * BLOCK_M >= q_len:
         return
     k_begin, k_len = row_span(k_offsets_ptr, row)
@@ -352,11 +353,12 @@ def _backward_dkdv(
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
-    INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, SCAN_STRIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of one block of one row's keys: stream over the row's queries."""
-    row, k_begin, k_len, block = slot_row_block(k_offsets_ptr, slot, batch_size, row_search, BLOCK_N, False, SCAN_ROWS)
+    row, k_begin, k_len, block = slot_row_block(k_offsets_ptr, slot, batch_size, row_search, BLOCK_N, False, SCAN_ROWS,
+                                                SCAN_STRIDE)
     # Narrowed before the branch: a variable may not change type inside it.
     k_begin, k_len, block = _narrow(k_begin, INT32_OFFSETS), _narrow(k_len, INT32_OFFSETS), _narrow(block, INT32_OFFSETS)
     if block * BLOCK_N < k_len:
@@ -410,13 +412,14 @@ def _backward_dq(
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, SCAN_STRIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dQ of one block of one row's queries: stream over the row's keys. With a bias gradient,
     also the sums of dS along the tiles' diagonals (one per key-minus-query distance)."""
-    row, q_begin, q_len, block = slot_row_block(q_offsets_ptr, slot, batch_size, row_search, BLOCK_M, False, SCAN_ROWS)
+    row, q_begin, q_len, block = slot_row_block(q_offsets_ptr, slot, batch_size, row_search, BLOCK_M, False, SCAN_ROWS,
+                                                SCAN_STRIDE)
     # Narrowed before the branch: a variable may not change type inside it.
     q_begin, q_len, block = _narrow(q_begin, INT32_OFFSETS), _narrow(q_len, INT32_OFFSETS), _narrow(block, INT32_OFFSETS)
     if block * BLOCK_M < q_len:
@@ -481,9 +484,9 @@ def _attention_backward_kernel(
     stride_dbs, stride_dbh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, KV_BLOCK_M: tl.constexpr,
-    KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr, Q_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, SCAN_STRIDE: tl.constexpr,
+    KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr, Q_BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One launch for dK, dV and dQ (launches dominate short rows): slots [0, num_kv_slots) own key
     # blocks (dK, dV), the rest own query blocks (dQ). Each dQ, dK, dV element is written by
@@ -497,7 +500,8 @@ def _attention_backward_kernel(
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                        CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH, UNMASKED_TILES,
-                       INT32_OFFSETS, SCAN_ROWS, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+                       INT32_OFFSETS, SCAN_ROWS, SCAN_STRIDE, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV,
+                       PRECISION)
     else:
         _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
                      q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, row_search, qk_scale,
@@ -505,8 +509,8 @@ def _attention_backward_kernel(
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
                      CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH, UNMASKED_TILES,
-                     BIAS_GRAD, INT32_OFFSETS, SCAN_ROWS, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W,
-                     PRECISION)
+                     BIAS_GRAD, INT32_OFFSETS, SCAN_ROWS, SCAN_STRIDE, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV,
+                     BLOCK_W, PRECISION)
 
 
 # Rows at most this long take the short-row tiles (when the caller knows max_len).
@@ -638,6 +642,19 @@ def _score_arguments(q: torch.Tensor, q_offsets: torch.Tensor, causal: bool, sca
     )
 
 
+def _row_scan(batch_size: int, num_warps: int, total: int, head_dim: int) -> dict:
+    """The kernels' SCAN_ROWS and SCAN_STRIDE (ops/_utils.py: scan_shape). The two-pass scan (over
+    511 rows at 4 warps) replaces the binary search at head dims up to 64 (H100, graph, B=1024
+    max_L=256 D=64 skewed: forward 76.2 -> 69.5 us, forward+backward 276 -> 258; B=1024 max_L=128
+    D=32 skewed 59.0 -> 54.8; benchmarks/NOTES.md, session 25). At D=128 the kernels already spill
+    at 255 registers and the scan's values spill more (B=512 max_L=256 silu: 582 -> 669 us): the
+    search stays."""
+    width, stride = scan_shape(batch_size, num_warps, total)
+    if stride > 1 and head_dim > 64:
+        width, stride = 0, 1
+    return dict(SCAN_ROWS=width, SCAN_STRIDE=stride)
+
+
 @jagged_op("flash_attention_forward")
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
                        k_offsets: torch.Tensor, causal: bool, scale: float, max_len: Optional[int] = None,
@@ -670,7 +687,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
         stride_oh=out.stride(1), stride_lh=lse.stride(0),
         SCALE_IN_EXP=activation == 0 and bias is None and scale > 0,
         INT32_OFFSETS=_int32_offsets((q, k, v, out), (lse,)),
-        SCAN_ROWS=scan_width(batch_size, tiles["num_warps"], max(q.shape[0], k.shape[0])),
+        **_row_scan(batch_size, tiles["num_warps"], max(q.shape[0], k.shape[0]), max(q.shape[2], v.shape[2])),
         **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
                            dropout_p, seed),
         **tiles,
@@ -740,7 +757,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
         stride_dbs=bias_partial.stride(0) if bias_grad else 0, stride_dbh=bias_partial.stride(1) if bias_grad else 0,
         BIAS_GRAD=bias_grad, INT32_OFFSETS=_int32_offsets((q, k, v, do, dq, dk, dv), (lse, delta)),
-        SCAN_ROWS=scan_width(batch_size, tiles["num_warps"], max(q.shape[0], k.shape[0])),
+        **_row_scan(batch_size, tiles["num_warps"], max(q.shape[0], k.shape[0]), max(q.shape[2], v.shape[2])),
         **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
                            dropout_p, seed),
         **tiles,

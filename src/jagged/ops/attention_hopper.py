@@ -37,7 +37,7 @@ from . import _gluon
 from ._gluon import (DTYPES as _DTYPES, fence_async_shared, gl, gluon, is_sm90 as _is_sm90, matrix_descriptor,
                      mbarrier, warpgroup_mma, warpgroup_mma_wait)
 from ._launch import fast_launch
-from ._utils import SCAN_OFFSETS_PER_THREAD, TRITON_INTERPRETER, next_power_of_2
+from ._utils import TRITON_INTERPRETER, scan_shape as _scan_shape
 
 # JAGGED_HOPPER_ATTENTION=0 keeps every call on the Triton kernel (A/B timing, tests).
 ENABLED = os.environ.get("JAGGED_HOPPER_ATTENTION", "1") != "0"
@@ -272,18 +272,12 @@ def _tiles(head_dim: int, max_len: Optional[int]) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, STAGES=2 if head_dim == 128 else 3, OVERLAP=False, num_warps=4)
 
 
-def scan_shape(batch_size: int, num_warps: int) -> tuple:
-    """_slot_row's SCAN and STRIDE for B rows: one pass over all B + 1 offsets while they fit
-    SCAN_OFFSETS_PER_THREAD a thread (B <= 511 at 4 warps); else every STRIDE-th offset, then a
-    window of 2 * STRIDE, one offset a thread (H100, B=1024 max_L=256 D=64: forward+backward 508 us
-    against 641 for the Triton kernels, which search; benchmarks/NOTES.md, session 25). (0, 0)
-    past what two passes reach (B > 32767 at 4 warps): those calls keep the Triton kernels."""
-    width = 32 * num_warps
-    if batch_size + 1 <= SCAN_OFFSETS_PER_THREAD * width:
-        return max(next_power_of_2(batch_size + 1), width), 1
-    stride = width // 2
-    scan = max(next_power_of_2(-(-(batch_size + 1) // stride)), width)
-    return (scan, stride) if scan <= SCAN_OFFSETS_PER_THREAD * width else (0, 0)
+def scan_shape(batch_size: int, num_warps: int, total: int = 0) -> tuple:
+    """_slot_row's SCAN and STRIDE (ops/_utils.py: scan_shape, at least one offset a thread).
+    Over 511 rows (4 warps) two passes; before those, such batches ran the Triton kernels (H100,
+    B=1024 max_L=256 D=64: forward+backward 508 us against their 641; benchmarks/NOTES.md, session
+    25). (0, 1) past 32767 rows or 2^31 tokens: those calls keep the Triton kernels."""
+    return _scan_shape(batch_size, num_warps, total, min_width=32 * num_warps)
 
 
 def _tma_ready(x: torch.Tensor) -> bool:
@@ -312,7 +306,7 @@ def hopper_inputs_supported(tensors: tuple, q_offsets: torch.Tensor, scale: floa
         return False
     if not int32_offsets or k.shape[0] == 0:  # a TMA descriptor needs a key
         return False
-    if scan_shape(q_offsets.numel() - 1, 4)[0] == 0 or max(q.shape[0], k.shape[0]) >= 2 ** 31:
+    if scan_shape(q_offsets.numel() - 1, 4, max(q.shape[0], k.shape[0]))[0] == 0:
         return False
     return all(_tma_ready(x) for x in tensors)
 
