@@ -82,9 +82,10 @@ def scan_shape(batch_size: int, num_warps: int, total: int, min_width: int = 1) 
     """The SCAN and SCAN_STRIDE constexprs of ops/_rows.py: slot_row_block (and of the Gluon
     kernels' twin, ops/attention_hopper.py: _slot_row). Up to SCAN_OFFSETS_PER_THREAD offsets a
     thread, one pass over all B + 1 (SCAN a power of two >= B + 1, at least ``min_width``;
-    stride 1). Beyond, two: every STRIDE-th offset (STRIDE = 16 * num_warps), then a window of
-    2 * STRIDE, one offset a thread, up to 64 * (32 * num_warps)^2 / 32 rows (32767 at 4 warps).
-    (0, 1), the search, past that or with ``total`` tokens past int32."""
+    stride 1). Beyond, two: every STRIDE-th offset (STRIDE = 16 * num_warps; up to
+    SCAN_OFFSETS_PER_THREAD of them a thread, so B + 1 <= 2048 * num_warps^2: B <= 32767 at 4
+    warps), then a window of 2 * STRIDE, one offset a thread. (0, 1), the search, past that or
+    with ``total`` tokens past int32."""
     if total >= 2 ** 31:
         return 0, 1
     threads = 32 * num_warps
