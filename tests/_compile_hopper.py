@@ -66,8 +66,8 @@ def main():
             for dtype in (torch.bfloat16, torch.float16):
                 for causal in (False, True):
                     x = torch.empty(1024, 2, head_dim, dtype=dtype)
-                    q_desc = attention_hopper._descriptor(x, [tiles["BLOCK_M"], head_dim])
-                    kv_desc = attention_hopper._descriptor(x, [tiles["BLOCK_N"], head_dim])
+                    q_desc = attention_hopper._descriptor(x, (tiles["BLOCK_M"], head_dim)).descriptor()
+                    kv_desc = attention_hopper._descriptor(x, (tiles["BLOCK_N"], head_dim)).descriptor()
                     # STRIDE: the two-pass row scan (B over 511 rows) on some of the variants.
                     constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, STRIDE=1 if max_len < 2048 else 64,
                                       SAME_OFFSETS=not causal, **tiles)
@@ -91,7 +91,7 @@ def backward():
                 programs = dict(kv=("KV_BLOCK_M", "KV_BLOCK_N"), dq=("Q_BLOCK_M", "Q_BLOCK_N"))
                 for program, (rows_q, rows_k) in programs.items():
                     for name, rows in dict(q=rows_q, k=rows_k, v=rows_k, do=rows_q, o=rows_q).items():
-                        descriptor = attention_hopper._descriptor(x, [tiles[rows], head_dim])
+                        descriptor = attention_hopper._descriptor(x, (tiles[rows], head_dim)).descriptor()
                         signature[f"{program}_{name}_desc"] = mangle_type(descriptor)
                 signature.update(lse_ptr="*fp32", delta_ptr="*fp32", dq_ptr=_pointer(dtype), dk_ptr=_pointer(dtype),
                                  dv_ptr=_pointer(dtype), q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",

@@ -175,3 +175,155 @@ def test_argument_key_of_tensor_descriptors_is_their_type():
     assert _launch.argument_key(descriptor(100, [64, 64])) != _launch.argument_key(descriptor(100, [32, 64]))
     assert _launch.argument_key(descriptor(100, [64, 64])) != _launch.argument_key(descriptor(100, [64, 64], torch.float16))
     hash(_launch.argument_key(descriptor(100, [64, 64])))
+
+
+def test_argument_key_of_tma_matrices_is_dtype_and_block():
+    """A TmaMatrix (ops/_gluon.py) stands for the TensorDescriptor it becomes: keyed as Triton
+    compiles that (dtype, box; the layout follows from both), never by its tensor's rows or data."""
+    from jagged.ops._gluon import TmaMatrix
+
+    def matrix(rows, block, dtype=torch.bfloat16, start=0):
+        return TmaMatrix(torch.zeros(rows + 8, 64, dtype=dtype)[start:], rows, 64, 64, block)
+
+    key = _launch.argument_key
+    assert key(matrix(100, (64, 64))) == key(matrix(300, (64, 64), start=8))
+    assert key(matrix(100, (64, 64))) != key(matrix(100, (32, 64)))
+    assert key(matrix(100, (64, 64))) != key(matrix(100, (64, 64), torch.float16))
+    hash(key(matrix(100, (64, 64))))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_fast_launch_hands_triton_a_descriptor_for_each_tma_matrix(stand_in, keep, monkeypatch):
+    """Triton's own launch (first calls, JAGGED_FAST_LAUNCH=0, and a kept kernel without the
+    direct launch: a stand-in's, another Triton's) gets the TensorDescriptor of a TmaMatrix."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from jagged.ops._gluon import TmaMatrix
+
+    kernel, launcher = stand_in
+    launcher._keep = keep
+    monkeypatch.setattr(_launch, "bind_cuda_context", lambda device: None)  # (no CUDA on the stand-in)
+    base = torch.zeros(40, 64, dtype=torch.bfloat16)
+    for rows in (40, 24):
+        launcher[(1,)](TmaMatrix(base, rows, 64, 64, (16, 64)), 5, 0.5, BLOCK=32)
+    assert [launch[0] for launch in kernel.launches] == ["triton", "cached"] if keep else ["triton", "triton"]
+    for launch, rows in zip(kernel.launches, (40, 24)):
+        descriptor = launch[2][0]
+        assert type(descriptor).__name__ == "TensorDescriptor" and descriptor.base is base
+        assert (list(descriptor.shape), list(descriptor.strides), list(descriptor.block_shape)) == (
+            [rows, 64], [64, 1], [16, 64])
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the direct launch runs on the GPU only")
+def test_direct_launch_matches_tritons_own(monkeypatch):
+    """The direct launch (ops/_launch.py: _DirectLaunch, Triton 3.6's C launcher called with the
+    arguments its Python layer would pass, TMA descriptors encoded by the library) gives bitwise
+    the outputs and gradients of Triton's own launch of the same kernels: the Gluon attention
+    forward and backward, the Gluon jagged_dense_bmm, and Triton kernels. On Triton 3.6 it must
+    be what the kept kernels use."""
+    import triton
+    from jagged.ops import attention_hopper, attention_hopper_backward, bmm_hopper
+    from jagged.ops import softmax as softmax_module
+
+    lengths = [37, 0, 129, 64, 1, 200, 90]
+    offsets = make_offsets(lengths)
+    total = sum(lengths)
+    q, k, v, grad = (random_values((total, 2, 64), torch.bfloat16) for _ in range(4))
+    x = jagged.JaggedTensor(random_values((total, 128), torch.bfloat16), offsets, max_len=max(lengths))
+    y = random_values((len(lengths), 128, 128), torch.bfloat16)
+    monkeypatch.setattr(bmm_hopper, "MIN_BYTES", 0)  # the Gluon bmm at this small size
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = jagged.jagged_flash_attention_values(*leaves, offsets, offsets, validate=False, max_len=max(lengths))
+        grads = torch.autograd.grad(out, leaves, grad)
+        return (out, *grads, jagged.jagged_dense_bmm(x, y).values, jagged.jagged_softmax(x).values)
+
+    kernels = (attention_hopper._attention_forward_hopper_kernel,
+               attention_hopper_backward._attention_backward_hopper_kernel,
+               bmm_hopper._jagged_dense_bmm_hopper_kernel, softmax_module._jagged_softmax_forward_kernel)
+    if not all(isinstance(kernel, _launch.FastLaunch) and kernel._keep for kernel in kernels):
+        pytest.skip("JAGGED_FAST_LAUNCH=0: nothing is kept")
+    for kernel in kernels:
+        kernel._kept.clear()
+    run()  # compiles (or finds) and keeps each kernel
+    direct = run()  # the kept kernels' launches
+    if triton.__version__.startswith("3.6"):
+        for kernel in kernels:
+            assert kernel._kept and all(entry[2] is not None for entry in kernel._kept.values()), kernel
+    monkeypatch.setattr(_launch, "_direct_launch", lambda compiled, matrices: None)
+    for kernel in kernels:
+        kernel._kept.clear()
+    run()
+    tritons = run()
+    for got, want in zip(direct, tritons):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="Gluon kernels run on the GPU only")
+def test_gluon_launch_as_a_threads_first_cuda_work():
+    """Encoding a TMA descriptor needs the CUDA context current on the calling thread, which
+    Triton 3.6 makes current only in the launch that follows: a thread whose first CUDA work is a
+    Gluon launch (the autograd engine's backward thread) must still get the right result, through
+    the first (Triton's) launch and the kept one alike (ops/_launch.py: bind_cuda_context)."""
+    import threading
+
+    from jagged.ops import attention_hopper
+
+    lengths = [37, 0, 129, 64]
+    offsets = make_offsets(lengths)
+    q, k, v = (random_values((sum(lengths), 2, 64), torch.bfloat16) for _ in range(3))
+    if not attention_hopper.hopper_forward_supported(q, k, v, offsets, 0.125, 129, True, True):
+        pytest.skip("no Gluon attention forward on this GPU / Triton")
+    want = reference.jagged_attention(q.float(), k.float(), v.float(), offsets, offsets, causal=False, scale=0.125)
+    kernel = attention_hopper._attention_forward_hopper_kernel
+    if isinstance(kernel, _launch.FastLaunch):
+        kernel._kept.clear()
+    for _ in range(2):  # a new compiled-kernel key (Triton's launch), then a kept one
+        out, lse = torch.empty_like(q), torch.empty((2, q.shape[0]), dtype=torch.float32, device=q.device)
+        errors = []
+
+        def work():
+            try:
+                assert attention_hopper.attention_forward_hopper(q, k, v, offsets, offsets, False, 0.125, 129, out, lse)
+                torch.cuda.synchronize()
+            except Exception as error:  # noqa: BLE001 - re-raised on the test's thread
+                errors.append(error)
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        assert not errors, errors[0]
+        assert_close(out, want)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the cached launch runs on the GPU only")
+def test_kept_launches_still_call_launch_hooks():
+    """A launch hook (what profilers set) makes kept launches take Triton's ``run``, which calls
+    it; without one they take the direct launch, which calls nothing."""
+    from triton import knobs
+
+    offsets = make_offsets([5, 0, 12])
+    x = jagged.JaggedTensor(random_values((17, 8), torch.float32), offsets)
+    jagged.jagged_softmax(x)  # compiled and kept
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata)
+
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):  # Triton 3.6: a HookChain
+        chain.add(hook)
+    else:
+        knobs.runtime.launch_enter_hook = hook
+    try:
+        got = jagged.jagged_softmax(x).values
+    finally:
+        if hasattr(chain, "remove"):
+            chain.remove(hook)
+        else:
+            knobs.runtime.launch_enter_hook = chain
+    assert len(seen) >= 1
+    assert_close(got, reference.jagged_softmax(x.values, offsets))
+    seen.clear()
+    jagged.jagged_softmax(x)
+    assert not seen

@@ -93,6 +93,24 @@ def is_sm90(device: torch.device) -> bool:
 _TEMPLATES: dict = {}
 
 
+class TmaMatrix:
+    """A Gluon kernel's TMA-descriptor argument, as the launcher describes it: the matrix ``rows``
+    x ``cols`` at ``base``'s data, rows ``row_stride`` elements apart, unit column stride, read in
+    ``block`` boxes (a tuple). ops/_launch.py keys it by dtype and block (what Triton compiles
+    for), and on Triton 3.6 encodes it straight into the launch (no TensorDescriptor object, no
+    per-argument pass of Triton's launcher: benchmarks/NOTES.md, session 26); elsewhere it becomes
+    the TensorDescriptor of :meth:`descriptor`. The callers have checked alignment and strides,
+    and rows > 0."""
+
+    __slots__ = ("base", "rows", "cols", "row_stride", "block")
+
+    def __init__(self, base: torch.Tensor, rows: int, cols: int, row_stride: int, block: tuple):
+        self.base, self.rows, self.cols, self.row_stride, self.block = base, rows, cols, row_stride, block
+
+    def descriptor(self) -> "TensorDescriptor":
+        return matrix_descriptor(self.base, [self.rows, self.cols], self.row_stride, list(self.block))
+
+
 def matrix_descriptor(base: torch.Tensor, shape: list, row_stride: int, block: list) -> "TensorDescriptor":
     """A TMA descriptor of the matrix ``shape`` (rows, columns) at ``base``'s data, rows
     ``row_stride`` elements apart, unit column stride, with boxes ``block``. The first one of a

@@ -23,9 +23,11 @@ them before a kernel's first launch in the process.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
+from ._gluon import TmaMatrix
 from ._utils import TRITON_INTERPRETER
 
 try:  # Triton >= 3.3 (knobs); older releases keep Triton's own launch path
@@ -51,6 +53,8 @@ def argument_key(value):
         return float
     if kind is bool:
         return bool, value
+    if kind is TmaMatrix:  # compiled as the TensorDescriptor it stands for (below)
+        return TmaMatrix, value.base.dtype, value.block
     block_shape = getattr(value, "block_shape", None)
     if block_shape is not None:  # a TMA tensor descriptor: Triton specialises on its type only
         return (kind, value.base.dtype, value.base.data_ptr() % 16 == 0, tuple(block_shape),
@@ -60,15 +64,18 @@ def argument_key(value):
 
 class FastLaunch:
     """A ``@triton.jit`` kernel launched as ``kernel[grid](*args, **kwargs)``, with the host
-    work of repeated launches cut (module doc). Other attributes are the kernel's."""
+    work of repeated launches cut (module doc). Other attributes are the kernel's. ``keep=False``
+    (JAGGED_FAST_LAUNCH=0): every call takes Triton's path, TmaMatrix arguments made
+    TensorDescriptors first."""
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, keep: bool = True):
         self.kernel = kernel
         params = kernel.params
         self._constexpr = tuple(p.is_constexpr for p in params)
         self._slots = {p.name: (i, p.is_constexpr) for i, p in enumerate(params)}
         self._defaults = tuple(p.default for p in params)
         self._kept = {}
+        self._keep = keep
 
     def __getattr__(self, name):
         return getattr(self.kernel, name)
@@ -77,13 +84,20 @@ class FastLaunch:
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid, args, kwargs):
-        if type(grid) is not tuple:
-            return self.kernel[grid](*args, **kwargs)
+        if type(grid) is not tuple or not self._keep:
+            if any(type(value) is TmaMatrix for value in (*args, *kwargs.values())):
+                bind_cuda_context(_driver.active.get_current_device())
+            return self.kernel[grid](*_descriptors(args), **dict(zip(kwargs, _descriptors(kwargs.values()))))
         device = _driver.active.get_current_device()
         constexpr, slots = self._constexpr, self._slots
         key = [device, len(args)]
         for i, value in enumerate(args):
-            key.append(value if constexpr[i] else argument_key(value))
+            if constexpr[i]:
+                key.append(value)
+            elif type(value) is torch.Tensor:  # the common case, inlined (this runs per argument per call)
+                key.append((value.dtype, value.data_ptr() % 16 == 0))
+            else:
+                key.append(argument_key(value))
         for name, value in kwargs.items():
             slot = slots.get(name)
             key.append(name)
@@ -91,13 +105,8 @@ class FastLaunch:
         key = tuple(key)
         kept = self._kept.get(key)
         if kept is None:
-            compiled = self.kernel[grid](*args, **kwargs)
-            if compiled is not None and len(self._kept) < MAX_KEPT:
-                # Where each keyword argument goes in the kernel's signature (None: a launch option).
-                positions = tuple(slots[name][0] if name in slots else None for name in kwargs)
-                self._kept[key] = (compiled, positions)
-            return compiled
-        compiled, positions = kept
+            return self._first_launch(key, grid, args, kwargs)
+        compiled, positions, direct, matrices = kept
         bound = list(self._defaults)
         bound[:len(args)] = args
         for position, value in zip(positions, kwargs.values()):
@@ -105,10 +114,116 @@ class FastLaunch:
                 bound[position] = value
         stream = _driver.active.get_current_stream(device)
         grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        if matrices and device not in _CONTEXTS.__dict__:
+            bind_cuda_context(device)
+        runtime = _knobs.runtime
+        enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
+        # No launch hook: None, or (Triton 3.6) an empty HookChain; a plain function is a hook.
+        if direct is not None and not getattr(enter_hook, "calls", enter_hook) and not getattr(exit_hook, "calls",
+                                                                                                exit_hook):
+            direct(grid3, stream, bound)
+            return compiled
+        bound = _descriptors(bound)
         compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata(grid3, stream, *bound), _knobs.runtime.launch_enter_hook,
-                     _knobs.runtime.launch_exit_hook, *bound)
+                     compiled.launch_metadata(grid3, stream, *bound), enter_hook, exit_hook, *bound)
         return compiled
+
+    def _first_launch(self, key, grid, args, kwargs):
+        if any(type(value) is TmaMatrix for value in (*args, *kwargs.values())):
+            bind_cuda_context(_driver.active.get_current_device())
+        compiled = self.kernel[grid](*_descriptors(args), **dict(zip(kwargs, _descriptors(kwargs.values()))))
+        if compiled is not None and len(self._kept) < MAX_KEPT:
+            # Where each keyword argument goes in the kernel's signature (None: a launch option).
+            positions = tuple(self._slots[name][0] if name in self._slots else None for name in kwargs)
+            matrices = [i for i, value in enumerate(args) if type(value) is TmaMatrix]
+            matrices += [p for p, value in zip(positions, kwargs.values()) if type(value) is TmaMatrix]
+            self._kept[key] = (compiled, positions, _direct_launch(compiled, matrices), bool(matrices))
+        return compiled
+
+
+_CONTEXTS = threading.local()  # per thread: the devices whose CUDA context bind_cuda_context made current
+
+
+def bind_cuda_context(device: int) -> None:
+    """Make ``device``'s CUDA context current on this thread, once per thread. Encoding a TMA
+    descriptor (``fill_tma_descriptor``, cuTensorMapEncodeTiled) needs it, and Triton 3.6 makes
+    it current only in its kernel launch, after the descriptors: a thread whose first CUDA work
+    is a Gluon launch (PyTorch's autograd engine runs a backward on a thread of its own) failed
+    with "invalid device context". A runtime API call on the device binds its primary context."""
+    if device not in _CONTEXTS.__dict__:
+        torch.cuda.current_stream(device).query()
+        _CONTEXTS.__dict__[device] = True
+
+
+def _descriptors(values):
+    """``values`` with every TmaMatrix made the TensorDescriptor Triton's own launch takes."""
+    return [value.descriptor() if type(value) is TmaMatrix else value for value in values]
+
+
+class _DirectLaunch:
+    """Triton 3.6's launch of a compiled kernel without its Python layer: the generated C
+    launcher called with the arguments CudaLauncher.__call__ and its tensor-descriptor wrapper
+    would pass it, TmaMatrix arguments encoded by Triton's own ``fill_tma_descriptor`` (what
+    ``make_tensordesc_arg`` does for a TensorDescriptor). H100 host: benchmarks/NOTES.md, session 26."""
+
+    __slots__ = ("launch", "function", "metadata", "cooperative", "pdl", "matrices", "fill")
+
+    def __init__(self, launch, compiled, run, matrices, fill):
+        self.launch, self.function, self.metadata = launch, compiled.function, compiled.packed_metadata
+        self.cooperative, self.pdl = run.launch_cooperative_grid, run.launch_pdl
+        self.matrices, self.fill = matrices, fill
+
+    def __call__(self, grid3, stream, bound):
+        if self.matrices:
+            args, start, maps = [], 0, {}
+            for position, swizzle, element_size, element_type, block in self.matrices:
+                args += bound[start:position]
+                matrix = bound[position]
+                tensor_map = maps.get(id(matrix))
+                if tensor_map is None:  # one encoding per TmaMatrix object, however often passed
+                    tensor_map = maps[id(matrix)] = self.fill(
+                        matrix.base.data_ptr(), swizzle, element_size, element_type, block,
+                        [matrix.rows, matrix.cols], [matrix.row_stride, 1], 0)
+                args += (tensor_map, matrix.rows, matrix.cols, matrix.row_stride, 1)
+                start = position + 1
+            args += bound[start:]
+            bound = args
+        self.launch(*grid3, stream, self.function, self.cooperative, self.pdl, None, None, self.metadata, None, None,
+                    None, *bound)
+
+
+def _direct_launch(compiled, matrices: list):
+    """A _DirectLaunch of ``compiled`` (a kernel whose TmaMatrix arguments sit at positions
+    ``matrices``), or None: anything but Triton 3.6's CUDA launcher as it was written against (its
+    argument format, its tensor-descriptor wrapper and what it closes over, no scratch memory)
+    keeps Triton's own ``run``."""
+    try:
+        from triton.backends.nvidia import driver as nvidia
+        run = compiled.run
+        if (type(run) is not nvidia.CudaLauncher or nvidia._BASE_ARGS_FORMAT != "iiiKKppOOOOOO"
+                or run.global_scratch_size or run.profile_scratch_size):
+            return None
+        launch = run.launch
+        code = getattr(launch, "__code__", None)
+        if code is None:  # no descriptor in the signature: the C launcher itself
+            return _DirectLaunch(launch, compiled, run, (), None) if not matrices else None
+        cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in launch.__closure__)))
+        if set(cells) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
+            return None
+        positions, metas = sorted(cells["tensordesc_indices"]), cells["tensordesc_meta"]
+        if positions != sorted(matrices) or len(metas) != len(positions):
+            return None
+        matrices = []
+        for position, meta in zip(positions, metas):
+            # The box is the compiled kernel's (as Triton encodes it): a 128-column bf16 box is
+            # loaded as two 64-column ones.
+            if meta is None or meta["fp4_padded"]:
+                return None
+            matrices.append((position, meta["swizzle"], meta["elem_size"],
+                             nvidia.TMA_DTYPE_DEVICE_TO_HOST[meta["elem_type"]], list(meta["block_size"])))
+        return _DirectLaunch(cells["launcher"], compiled, run, tuple(matrices), _driver.active.utils.fill_tma_descriptor)
+    except (ImportError, AttributeError, KeyError, TypeError):  # another Triton's launcher
+        return None
 
 
 # JAGGED_FAST_LAUNCH=0 (read at import): every launch takes Triton's own path.
@@ -116,9 +231,10 @@ ENABLED = _knobs is not None and not TRITON_INTERPRETER and os.environ.get("JAGG
 
 
 def fast_launch(kernel):
-    """Decorator (above ``@triton.jit``): launch the kernel through :class:`FastLaunch`. Under
-    the interpreter, with a Triton too old for it, or with ``JAGGED_FAST_LAUNCH=0``, the kernel
-    itself."""
-    if not ENABLED:
+    """Decorator (above ``@triton.jit`` or ``@gluon.jit``): launch the kernel through
+    :class:`FastLaunch`; with ``JAGGED_FAST_LAUNCH=0``, one that keeps nothing. Under the
+    interpreter or with a Triton too old for it (neither runs the Gluon kernels, whose TmaMatrix
+    arguments need FastLaunch), the kernel itself."""
+    if _knobs is None or TRITON_INTERPRETER:
         return kernel
-    return FastLaunch(kernel)
+    return FastLaunch(kernel, keep=ENABLED)

@@ -775,26 +775,34 @@ def _(do, q, k, v, out, lse, q_offsets, k_offsets, causal, scale, max_len=None, 
 
 _FORWARD_ARGUMENTS = ("q", "k", "v", "q_offsets", "k_offsets", "causal", "scale", "max_len", "activation", "norm",
                       "bias", "num_targets", "contextual_len", "window", "dropout_p", "seed")
+_BIAS = _FORWARD_ARGUMENTS.index("bias")
 
 
 def _save_for_attention_backward(ctx, inputs, output):
-    arguments = dict(zip(_FORWARD_ARGUMENTS, inputs))
-    tensors = ("q", "k", "v", "q_offsets", "k_offsets", "bias", "num_targets")
-    ctx.save_for_backward(*(arguments[name] for name in tensors), *output)
-    ctx.options = {name: value for name, value in arguments.items() if name not in tensors}
-    ctx.bias_grad = arguments["bias"] is not None and ctx.needs_input_grad[_FORWARD_ARGUMENTS.index("bias")]
+    # Positional unpacking, not a dict by name: this runs on every eager call with a gradient.
+    (q, k, v, q_offsets, k_offsets, causal, scale, max_len, activation, norm, bias, num_targets, contextual_len,
+     window, dropout_p, seed) = inputs
+    ctx.save_for_backward(q, k, v, q_offsets, k_offsets, bias, num_targets, *output)
+    ctx.options = (causal, scale, max_len, activation, norm, contextual_len, window, dropout_p, seed)
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[_BIAS]
+    # lse is an internal output (saved for the backward): nothing differentiates through it, so
+    # no zero gradient is made for it on every backward (a fill kernel and its launch).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _attention_autograd_backward(ctx, grad_out, grad_lse):
-    # lse is an internal output (saved for the backward): nothing differentiates through it.
+    grads = [None] * len(_FORWARD_ARGUMENTS)
+    if grad_out is None:  # (not materialised: the output took no part in what was differentiated)
+        return tuple(grads)
     q, k, v, q_offsets, k_offsets, bias, num_targets, out, lse = ctx.saved_tensors
-    options = ctx.options
-    dq, dk, dv, dbias = _attention_backward(
-        grad_out, q, k, v, out, lse, q_offsets, k_offsets, options["causal"], options["scale"], options["max_len"],
-        options["activation"], options["norm"], bias, num_targets, options["contextual_len"], options["window"],
-        options["dropout_p"], options["seed"], ctx.bias_grad)
-    grads = dict(q=dq, k=dk, v=dv, bias=dbias.to(bias.dtype) if ctx.bias_grad else None)
-    return tuple(grads.get(name) for name in _FORWARD_ARGUMENTS)
+    causal, scale, max_len, activation, norm, contextual_len, window, dropout_p, seed = ctx.options
+    grads[0], grads[1], grads[2], dbias = _attention_backward(
+        grad_out, q, k, v, out, lse, q_offsets, k_offsets, causal, scale, max_len, activation, norm, bias, num_targets,
+        contextual_len, window, dropout_p, seed, ctx.bias_grad)
+    if ctx.bias_grad:
+        grads[_BIAS] = dbias.to(bias.dtype)
+    return tuple(grads)
 
 
 _attention_forward.register_autograd(_attention_autograd_backward, setup_context=_save_for_attention_backward)

@@ -430,7 +430,7 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
     def descriptor(x, rows):  # one object per (tensor, box): fewer host objects when tiles agree
         if (id(x), rows) not in descriptors:
-            descriptors[id(x), rows] = attention_hopper._descriptor(x, [rows, head_dim])
+            descriptors[id(x), rows] = attention_hopper._descriptor(x, (rows, head_dim))
         return descriptors[id(x), rows]
 
     o = out if fused else do  # unread without FUSED_DELTA

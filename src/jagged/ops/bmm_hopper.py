@@ -23,7 +23,7 @@ import os
 import torch
 
 from . import _gluon
-from ._gluon import DTYPES, gl, gluon, is_sm90, matrix_descriptor, mbarrier, warpgroup_mma, warpgroup_mma_wait
+from ._gluon import DTYPES, TmaMatrix, gl, gluon, is_sm90, mbarrier, warpgroup_mma, warpgroup_mma_wait
 from ._launch import fast_launch
 from ._utils import TRITON_INTERPRETER, next_power_of_2, slot_search
 
@@ -179,9 +179,9 @@ def jagged_dense_bmm_hopper(x: torch.Tensor, y: torch.Tensor, offsets: torch.Ten
     if key in _FAILED:
         return False
     block_n, block_k = tiles["BLOCK_N"], tiles["BLOCK_K"]
-    y_desc = matrix_descriptor(y, [y_rows, k_dim] if transposed else [y_rows, n_dim], y_row_stride,
-                               [block_n, block_k] if transposed else [block_k, block_n])
-    x_desc = matrix_descriptor(x, [total, k_dim], x.stride(0), [BLOCK_M, block_k])
+    y_desc = TmaMatrix(y, y_rows, k_dim if transposed else n_dim, y_row_stride,
+                       (block_n, block_k) if transposed else (block_k, block_n))
+    x_desc = TmaMatrix(x, total, k_dim, x.stride(0), (BLOCK_M, block_k))
     try:
         _jagged_dense_bmm_hopper_kernel[(batch_size + total // BLOCK_M,)](
             x_desc, y_desc, out, offsets, batch_size, slot_search(batch_size), out.stride(0),
