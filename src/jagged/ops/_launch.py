@@ -92,10 +92,13 @@ class FastLaunch:
         constexpr, slots = self._constexpr, self._slots
         key = [device, len(args)]
         for i, value in enumerate(args):
+            kind = type(value)
             if constexpr[i]:
                 key.append(value)
-            elif type(value) is torch.Tensor:  # the common case, inlined (this runs per argument per call)
+            elif kind is torch.Tensor:  # the common kinds inlined (this runs per argument per call)
                 key.append((value.dtype, value.data_ptr() % 16 == 0))
+            elif kind is TmaMatrix:
+                key.append((TmaMatrix, value.base.dtype, value.block))
             else:
                 key.append(argument_key(value))
         for name, value in kwargs.items():
