@@ -5,19 +5,31 @@ finds the compiled kernel: on the H100 machine's host ~20 us for a 16-argument k
 the launch itself is ~7 us (benchmarks/NOTES.md, session 12). At recommendation-model sizes that
 is as long as the kernel runs. ``fast_launch`` keeps, for each kernel, the compiled kernels
 Triton's own launch returned, keyed by everything Triton specialises on, and launches a kept
-one through its ``run`` with the arguments Triton's launch would pass it (as
-``CompiledKernel[grid]``, Triton's launch of an already compiled kernel, does).
+one with the arguments Triton's launch would pass it.
 
 The key tells apart every pair of calls that Triton could compile differently, and more:
 constexpr arguments and launch options (``num_warps``, ...) by value; tensors by dtype and
-16-byte alignment; TMA tensor descriptors by dtype, alignment, block shape, shared-memory layout
-and padding; ints by ``== 1``, divisibility by 16 and width (Triton's i32 / i64 / u64);
-bools by value; floats by kind; anything else (None, str, dtypes) by value. A finer key than
-Triton's only means a few more first calls through Triton's path, never a wrong kernel. A key
-seen for the first time, a grid given as a function, and the interpreter take Triton's path.
-Launch hooks (profilers) still fire: the launch passes them on as Triton does. Not re-read on
-every call, unlike Triton's own launch: ``TRITON_DEBUG`` and the instrumentation mode, so set
-them before a kernel's first launch in the process.
+16-byte alignment; TMA tensor descriptors, and the TmaMatrix arguments that stand for them
+(ops/_gluon.py), by dtype and block shape (plus layout and padding for descriptors); ints by
+``== 1``, divisibility by 16 and width (Triton's i32 / i64 / u64); bools by value; floats by
+kind; anything else (None, str, dtypes) by value. A finer key than Triton's only means a few
+more first calls through Triton's path, never a wrong kernel. A key seen for the first time, a
+grid given as a function, and the interpreter take Triton's path.
+
+How a kept kernel is launched (benchmarks/NOTES.md, session 26):
+
+- On Triton 3.6's CUDA launcher (the GPU image's), directly (``_DirectLaunch``): its generated C
+  launcher is called with the arguments its Python layer would pass, each TmaMatrix encoded by
+  Triton's own ``fill_tma_descriptor``. That skips building TensorDescriptor objects, the
+  per-argument pass of Triton's descriptor wrapper and, while no launch hook is set, the launch
+  metadata Triton 3.6 builds on every launch because its hooks are (empty) chains, never None.
+  Host time per eager call on the H100 machine: attention forward -26%, backward -35%,
+  jagged_dense_bmm -23%, jagged_softmax -12%.
+- Otherwise (another Triton, or a launch hook set: profilers still see every launch), through the
+  compiled kernel's ``run`` with hooks and metadata, as ``CompiledKernel[grid]`` does.
+
+Not re-read on every call, unlike Triton's own launch: ``TRITON_DEBUG`` and the instrumentation
+mode, so set them before a kernel's first launch in the process.
 """
 
 from __future__ import annotations

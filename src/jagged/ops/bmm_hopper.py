@@ -32,11 +32,12 @@ ENABLED = os.environ.get("JAGGED_HOPPER_BMM", "1") != "0"
 _FAILED: set = set()
 MAX_N = 256  # one column block: the wgmma's widest tile
 BLOCK_M = 64
-# Calls that move fewer bytes (x, y, out) stay on the Triton kernel: the Gluon launch costs ~15-25
-# us more host time (Triton's launcher encodes its TMA descriptors per call), and below ~24 MB (a
-# ~10 us kernel) it saves under a microsecond of GPU time. H100, B=512 max_L=256 D=64 (20 MB):
-# graph 14.9 -> 14.1 us, but eager (triton.testing.do_bench) 36 -> 11 TFLOP/s (benchmarks/NOTES.md,
-# session 22).
+# Calls that move fewer bytes (x, y, out) stay on the Triton kernel: below ~24 MB (a ~10 us kernel)
+# the Gluon kernel saves under a microsecond of GPU time, and its launch cost ~15-25 us more host
+# time (session 22: Triton's launcher encoded the TMA descriptors through Python on every call;
+# since session 26 ops/_launch.py encodes them directly, 2 a call). H100, B=512 max_L=256 D=64
+# (20 MB): graph 14.9 -> 14.1 us, but eager (triton.testing.do_bench) 36 -> 11 TFLOP/s then
+# (benchmarks/NOTES.md, session 22).
 MIN_BYTES = 24 << 20
 
 if gluon is not None:
