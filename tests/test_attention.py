@@ -133,6 +133,27 @@ def test_query_with_no_key_gets_zero_and_no_nan():
     assert torch.equal(out[:2], torch.zeros_like(out[:2])) and not bool((out[2:] == 0).all())
 
 
+def test_log_sum_exp_output_is_not_differentiable():
+    """The forward op's second output (the base-2 log-sum-exp, saved for the backward) is marked
+    non-differentiable: asking a gradient through it raises instead of silently giving zero, and
+    the output's own gradient still matches the reference's (the backward is not handed a
+    materialised zero for the log-sum-exp)."""
+    from jagged.ops import attention
+
+    offsets = make_offsets([3, 0, 6])
+    q, k, v = (random_values((9, 2, 16), torch.float32, requires_grad=True) for _ in range(3))
+    out, lse = attention._attention_forward(q, k, v, offsets, offsets, False, 0.25, 6)
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(lse.sum(), q)
+    grad = random_values(out.shape, torch.float32)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want_out = reference.jagged_attention(q, k, v, offsets, offsets, causal=False, scale=0.25)
+    want = torch.autograd.grad(want_out, (q, k, v), grad)
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, name=f"d{name}")
+
+
 def test_strided_qkv_from_fused_projection():
     """q, k, v as strided views of one fused tensor: outputs and gradients (which are allocated
     contiguous) must be right."""
