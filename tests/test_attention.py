@@ -348,3 +348,7 @@ def test_int32_offsets_decision():
     assert not _int32_offsets((), (meta(8, 2 ** 28),))
     assert _int32_offsets((), (meta(7, 2 ** 28),))
     assert _int32_offsets((meta(0, 4, 64),), (meta(4, 0),))
+    # Contiguous tensors given by shape alone (the backward's gradients) decide as the tensors do.
+    for shape in ((last_ok, 1, 1), (last_ok + 1, 1, 1), (2 ** 21, 8, 128), (2 ** 21 - 300, 8, 128), (1000, 8, 128)):
+        assert _int32_offsets((), (), (shape,)) == _int32_offsets((meta(*shape),)), shape
+    assert not _int32_offsets((meta(1000, 8, 128),), (meta(8, 1000),), ((1000, 8, 128), (2 ** 21, 8, 128)))

@@ -294,6 +294,25 @@ def test_gluon_launch_as_a_threads_first_cuda_work():
         thread.join()
         assert not errors, errors[0]
         assert_close(out, want)
+    # The same inside a CUDA-graph capture: binding the context must not break the capture.
+    out, lse = torch.empty_like(q), torch.empty((2, q.shape[0]), dtype=torch.float32, device=q.device)
+    errors = []
+
+    def capture():
+        try:
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                attention_hopper.attention_forward_hopper(q, k, v, offsets, offsets, False, 0.125, 129, out, lse)
+            graph.replay()
+            torch.cuda.synchronize()
+        except Exception as error:  # noqa: BLE001 - re-raised on the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    thread.join()
+    assert not errors, errors[0]
+    assert_close(out, want)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the cached launch runs on the GPU only")

@@ -164,9 +164,11 @@ def bind_cuda_context(device: int) -> None:
     descriptor (``fill_tma_descriptor``, cuTensorMapEncodeTiled) needs it, and Triton 3.6 makes
     it current only in its kernel launch, after the descriptors: a thread whose first CUDA work
     is a Gluon launch (PyTorch's autograd engine runs a backward on a thread of its own) failed
-    with "invalid device context". A runtime API call on the device binds its primary context."""
+    with "invalid device context". A runtime API call on the device binds its primary context;
+    this one is legal inside a CUDA-graph capture (a stream query, the first version, is not: a
+    thread's first Gluon launch inside a capture failed). ``device`` is the current device."""
     if device not in _CONTEXTS.__dict__:
-        torch.cuda.current_stream(device).query()
+        torch.cuda.is_current_stream_capturing()
         _CONTEXTS.__dict__[device] = True
 
 

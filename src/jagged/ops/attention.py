@@ -531,13 +531,17 @@ def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = No
     return tiles
 
 
+def _block_dim(head_dim: int) -> int:
+    """A head dim's tile width (BLOCK_D, BLOCK_DV): a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, next_power_of_2(head_dim))
+
+
 def _block_sizes(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None, plain: bool = False) -> dict:
     """Block sizes and warps per kernel ("forward" or "backward"), by head dim and, when the
     longest row is known, by length bucket. Under the interpreter, 16 x 16 tiles so that small
     test rows still span several blocks (the multi-block paths are what the tests must reach).
     See benchmarks/NOTES.md for how these were chosen."""
-    block_d = max(16, next_power_of_2(head_dim))
-    block_dv = max(16, next_power_of_2(head_dim_v))
+    block_d, block_dv = _block_dim(head_dim), _block_dim(head_dim_v)
     dims = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
     if TRITON_INTERPRETER:
         dims["UNMASKED_TILES"] = True  # the tests reach both loops (tests/test_attention.py turns it off too)
@@ -587,13 +591,17 @@ def _block_sizes(kernel: str, head_dim: int, head_dim_v: int, max_len: int | Non
 _SPARE_ROWS = 256
 
 
-def _int32_offsets(token_major: tuple, head_major: tuple = ()) -> bool:
+def _int32_offsets(token_major: tuple, head_major: tuple = (), contiguous: tuple = ()) -> bool:
     """Whether every element offset the attention kernels form fits in int32 (they then narrow
     row positions to int32: INT32_OFFSETS): for ``token_major`` tensors [T, H, D] and
-    ``head_major`` ones [H, T] (log-sum-exp, delta), the farthest element plus _SPARE_ROWS tokens.
-    Shapes and strides only: no device synchronisation. Plain arithmetic on the unpacked sizes:
-    it runs on every eager call (a generic loop over dims cost 9 us a backward call on the CPU
-    machine, this 4)."""
+    ``head_major`` ones [H, T] (log-sum-exp, delta), the farthest element plus _SPARE_ROWS tokens;
+    ``contiguous``: the shapes (T, H, D) of contiguous [T, H, D] tensors (the gradients the
+    backward allocates), from the shape alone. Shapes and strides only: no device
+    synchronisation. Plain arithmetic on the unpacked sizes: it runs on every eager call (a
+    generic loop over dims cost 9 us a backward call on the CPU machine, this 4)."""
+    for tokens, heads, dim in contiguous:
+        if (tokens + _SPARE_ROWS) * heads * dim > 2 ** 31:
+            return False
     for x in token_major:
         (tokens, heads, dim), (stride_t, stride_h, stride_d) = x.shape, x.stride()
         reach = (tokens - 1 + _SPARE_ROWS) * stride_t + max(heads - 1, 0) * stride_h + max(dim - 1, 0) * stride_d
@@ -724,6 +732,26 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     do = unit_last_stride(do)
     hstu_mask = _hstu_mask(num_targets, contextual_len, window)
     plain = _plain_softmax(activation, bias, dropout_p, hstu_mask)
+    gradients = (q.shape, k.shape, v.shape)  # dq, dk, dv: contiguous
+    delta = lse
+    if activation == 0:
+        hopper = attention_hopper_backward.hopper_backward_supported(
+            q, k, v, do, q_offsets, scale, max_len, plain,
+            plain and _int32_offsets((q, k, v, do, out), (lse,), gradients))
+        # On short rows the Gluon backward makes delta itself from O (no delta kernel).
+        if (hopper and attention_hopper_backward.fuses_delta(out, max_len)
+                and attention_hopper_backward.attention_backward_hopper(
+                    do, q, k, v, lse, None, q_offsets, k_offsets, causal, scale, dq, dk, dv, out=out)):
+            return dq, dk, dv, lse.new_empty((0,))  # (plain softmax: no bias, no bias gradient)
+        delta = torch.empty_like(lse)
+        block_t = 64
+        _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
+            out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
+            BLOCK_T=block_t, BLOCK_DV=_block_dim(v.shape[2]))
+        if hopper and attention_hopper_backward.attention_backward_hopper(
+                do, q, k, v, lse, delta, q_offsets, k_offsets, causal, scale, dq, dk, dv):
+            return dq, dk, dv, lse.new_empty((0,))
+    # The Triton kernel (its tiles found only now: the Gluon calls above need none of them).
     tiles = _tiles("backward", q.shape[2], v.shape[2], max_len, hstu_mask, plain)
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
@@ -731,24 +759,6 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     # afterwards (deterministic; faster than atomics, see accumulate_bias_grad).
     bias_partial = (torch.zeros((num_q_slots, *bias.shape), dtype=torch.float32, device=q.device) if bias_grad
                     else lse.new_empty((0,)))
-    delta = lse
-    if activation == 0:
-        hopper = attention_hopper_backward.hopper_backward_supported(
-            q, k, v, do, q_offsets, scale, max_len, plain,
-            plain and _int32_offsets((q, k, v, do, out, dq, dk, dv), (lse,)))
-        # On short rows the Gluon backward makes delta itself from O (no delta kernel).
-        if (hopper and attention_hopper_backward.fuses_delta(out, max_len)
-                and attention_hopper_backward.attention_backward_hopper(
-                    do, q, k, v, lse, None, q_offsets, k_offsets, causal, scale, dq, dk, dv, out=out)):
-            return dq, dk, dv, bias_partial
-        delta = torch.empty_like(lse)
-        block_t = 64
-        _attention_backward_delta_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
-            out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
-            BLOCK_T=block_t, BLOCK_DV=tiles["BLOCK_DV"])
-        if hopper and attention_hopper_backward.attention_backward_hopper(
-                do, q, k, v, lse, delta, q_offsets, k_offsets, causal, scale, dq, dk, dv):
-            return dq, dk, dv, bias_partial
     _attention_backward_kernel[(num_kv_slots + num_q_slots, heads)](
         q, k, v, do, lse, delta, dq, dk, dv, bias_partial, q_offsets, k_offsets,
         batch_size=batch_size, row_search=slot_search(batch_size, wide=False), num_kv_slots=num_kv_slots,
@@ -758,7 +768,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         stride_lh=lse.stride(0), stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), stride_dkt=dk.stride(0),
         stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
         stride_dbs=bias_partial.stride(0) if bias_grad else 0, stride_dbh=bias_partial.stride(1) if bias_grad else 0,
-        BIAS_GRAD=bias_grad, INT32_OFFSETS=_int32_offsets((q, k, v, do, dq, dk, dv), (lse, delta)),
+        BIAS_GRAD=bias_grad, INT32_OFFSETS=_int32_offsets((q, k, v, do), (lse, delta), gradients),
         **_row_scan(batch_size, tiles["num_warps"], max(q.shape[0], k.shape[0]), max(q.shape[2], v.shape[2])),
         **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
                            dropout_p, seed),

@@ -339,6 +339,13 @@ def _descriptor(x: torch.Tensor, block: tuple) -> TmaMatrix:
     return TmaMatrix(x, tokens, heads * dim, x.stride(0), block)
 
 
+def box_pair(x: torch.Tensor, rows_a: int, rows_b: int) -> tuple:
+    """_descriptor of ``x`` with boxes of ``rows_a`` and of ``rows_b`` rows (D columns): one object
+    twice when they agree (the launch then encodes it once)."""
+    a = _descriptor(x, (rows_a, x.shape[2]))
+    return a, a if rows_b == rows_a else TmaMatrix(x, a.rows, a.cols, a.row_stride, (rows_b, x.shape[2]))
+
+
 def attention_forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
                              k_offsets: torch.Tensor, causal: bool, scale: float, max_len: Optional[int],
                              out: torch.Tensor, lse: torch.Tensor) -> bool:

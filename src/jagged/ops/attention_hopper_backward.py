@@ -426,20 +426,17 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     scan, stride = attention_hopper.scan_shape(batch_size, tiles["num_warps"])
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + total_q // tiles["Q_BLOCK_M"]
-    descriptors = {}
-
-    def descriptor(x, rows):  # one object per (tensor, box): fewer host objects when tiles agree
-        if (id(x), rows) not in descriptors:
-            descriptors[id(x), rows] = attention_hopper._descriptor(x, (rows, head_dim))
-        return descriptors[id(x), rows]
-
-    o = out if fused else do  # unread without FUSED_DELTA
+    kv_m, kv_n, q_m, q_n = tiles["KV_BLOCK_M"], tiles["KV_BLOCK_N"], tiles["Q_BLOCK_M"], tiles["Q_BLOCK_N"]
+    # Each operand in the dK/dV programs' box and the dQ programs' box (one object, encoded once,
+    # when the two agree).
+    q_kv, q_q = attention_hopper.box_pair(q, kv_m, q_m)
+    k_kv, k_q = attention_hopper.box_pair(k, kv_n, q_n)
+    v_kv, v_q = attention_hopper.box_pair(v, kv_n, q_n)
+    do_kv, do_q = attention_hopper.box_pair(do, kv_m, q_m)
+    o_kv, o_q = attention_hopper.box_pair(out, kv_m, q_m) if fused else (do_kv, do_q)  # unread unless FUSED_DELTA
     try:
         _attention_backward_hopper_kernel[(num_kv_slots + num_q_slots, heads)](
-            descriptor(q, tiles["KV_BLOCK_M"]), descriptor(k, tiles["KV_BLOCK_N"]), descriptor(v, tiles["KV_BLOCK_N"]),
-            descriptor(do, tiles["KV_BLOCK_M"]), descriptor(o, tiles["KV_BLOCK_M"]), descriptor(q, tiles["Q_BLOCK_M"]),
-            descriptor(k, tiles["Q_BLOCK_N"]), descriptor(v, tiles["Q_BLOCK_N"]), descriptor(do, tiles["Q_BLOCK_M"]),
-            descriptor(o, tiles["Q_BLOCK_M"]),
+            q_kv, k_kv, v_kv, do_kv, o_kv, q_q, k_q, v_q, do_q, o_q,
             lse, lse if fused else delta, dq, dk, dv, q_offsets, k_offsets, batch_size, num_kv_slots,
             scale * 1.4426950408889634, scale,
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
