@@ -259,14 +259,34 @@ def test_direct_launch_matches_tritons_own(monkeypatch):
         assert torch.equal(got, want)
 
 
+def _on_a_fresh_thread(work):
+    """Run ``work`` on a new thread (whose CUDA context nothing has made current) and re-raise
+    what it raised here."""
+    import threading
+
+    errors = []
+
+    def run():
+        try:
+            work()
+            torch.cuda.synchronize()
+        except Exception as error:  # noqa: BLE001 - re-raised on the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
 @pytest.mark.skipif(not ON_GPU, reason="Gluon kernels run on the GPU only")
 def test_gluon_launch_as_a_threads_first_cuda_work():
     """Encoding a TMA descriptor needs the CUDA context current on the calling thread, which
     Triton 3.6 makes current only in the launch that follows: a thread whose first CUDA work is a
     Gluon launch (the autograd engine's backward thread) must still get the right result, through
-    the first (Triton's) launch and the kept one alike (ops/_launch.py: bind_cuda_context)."""
-    import threading
-
+    the first (Triton's) launch and the kept one alike, and inside a CUDA-graph capture, where
+    binding the context must not break the capture (ops/_launch.py: bind_cuda_context)."""
     from jagged.ops import attention_hopper
 
     lengths = [37, 0, 129, 64]
@@ -278,41 +298,21 @@ def test_gluon_launch_as_a_threads_first_cuda_work():
     kernel = attention_hopper._attention_forward_hopper_kernel
     if isinstance(kernel, _launch.FastLaunch):
         kernel._kept.clear()
-    for _ in range(2):  # a new compiled-kernel key (Triton's launch), then a kept one
-        out, lse = torch.empty_like(q), torch.empty((2, q.shape[0]), dtype=torch.float32, device=q.device)
-        errors = []
 
-        def work():
-            try:
-                assert attention_hopper.attention_forward_hopper(q, k, v, offsets, offsets, False, 0.125, 129, out, lse)
-                torch.cuda.synchronize()
-            except Exception as error:  # noqa: BLE001 - re-raised on the test's thread
-                errors.append(error)
-
-        thread = threading.Thread(target=work)
-        thread.start()
-        thread.join()
-        assert not errors, errors[0]
-        assert_close(out, want)
-    # The same inside a CUDA-graph capture: binding the context must not break the capture.
-    out, lse = torch.empty_like(q), torch.empty((2, q.shape[0]), dtype=torch.float32, device=q.device)
-    errors = []
+    def launch():
+        assert attention_hopper.attention_forward_hopper(q, k, v, offsets, offsets, False, 0.125, 129, out, lse)
 
     def capture():
-        try:
-            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-                attention_hopper.attention_forward_hopper(q, k, v, offsets, offsets, False, 0.125, 129, out, lse)
-            graph.replay()
-            torch.cuda.synchronize()
-        except Exception as error:  # noqa: BLE001 - re-raised on the test's thread
-            errors.append(error)
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            launch()
+        graph.replay()
 
-    thread = threading.Thread(target=capture)
-    thread.start()
-    thread.join()
-    assert not errors, errors[0]
-    assert_close(out, want)
+    # A new compiled-kernel key (Triton's launch), a kept one, a kept one captured.
+    for work in (launch, launch, capture):
+        out, lse = torch.empty_like(q), torch.empty((2, q.shape[0]), dtype=torch.float32, device=q.device)
+        _on_a_fresh_thread(work)
+        assert_close(out, want)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the cached launch runs on the GPU only")
