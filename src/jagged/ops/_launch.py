@@ -97,9 +97,7 @@ class FastLaunch:
 
     def _launch(self, grid, args, kwargs):
         if type(grid) is not tuple or not self._keep:
-            if any(type(value) is TmaMatrix for value in (*args, *kwargs.values())):
-                bind_cuda_context(_driver.active.get_current_device())
-            return self.kernel[grid](*_descriptors(args), **dict(zip(kwargs, _descriptors(kwargs.values()))))
+            return _triton_launch(self.kernel, grid, args, kwargs)
         device = _driver.active.get_current_device()
         constexpr, slots = self._constexpr, self._slots
         key = [device, len(args)]
@@ -144,9 +142,7 @@ class FastLaunch:
         return compiled
 
     def _first_launch(self, key, grid, args, kwargs):
-        if any(type(value) is TmaMatrix for value in (*args, *kwargs.values())):
-            bind_cuda_context(_driver.active.get_current_device())
-        compiled = self.kernel[grid](*_descriptors(args), **dict(zip(kwargs, _descriptors(kwargs.values()))))
+        compiled = _triton_launch(self.kernel, grid, args, kwargs)
         if compiled is not None and len(self._kept) < MAX_KEPT:
             # Where each keyword argument goes in the kernel's signature (None: a launch option).
             positions = tuple(self._slots[name][0] if name in self._slots else None for name in kwargs)
@@ -170,6 +166,14 @@ def bind_cuda_context(device: int) -> None:
     if device not in _CONTEXTS.__dict__:
         torch.cuda.is_current_stream_capturing()
         _CONTEXTS.__dict__[device] = True
+
+
+def _triton_launch(kernel, grid, args, kwargs):
+    """Triton's own launch of ``kernel``, each TmaMatrix argument made its TensorDescriptor (with
+    the context bound first: Triton encodes descriptors before its launch makes it current)."""
+    if any(type(value) is TmaMatrix for value in (*args, *kwargs.values())):
+        bind_cuda_context(_driver.active.get_current_device())
+    return kernel[grid](*_descriptors(args), **dict(zip(kwargs, _descriptors(kwargs.values()))))
 
 
 def _descriptors(values):
