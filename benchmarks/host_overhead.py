@@ -1,5 +1,8 @@
-"""Host (CPU) time of each piece of a jagged attention call, to find launch overhead.
+"""Host (CPU) time of each piece of a jagged attention call, and of the feature-interaction ops'
+public calls (bench_ops's B=256 max_L=1024 D=256 bf16 skewed shape), to find launch overhead.
 Each piece is called many times back to back; the device is synchronised only around the batch.
+An op whose host time exceeds do_bench's cache flush (~85 us on an H100) shows it in the eager
+columns of the benchmarks (docs/benchmarks.md).
 
     python benchmarks/host_overhead.py
 """
@@ -89,10 +92,25 @@ def main():
         t.join()
 
     pieces["backward launcher x100 on another thread (/100)"] = lambda: backward_on_thread()
+    pieces.update(op_pieces())
     for name, fn in pieces.items():
-        n = 10 if "thread" in name else 300
-        us = host_us(fn, n) / (100 if "thread" in name else 1)
+        batched = "x100" in name  # one call is 100 launches
+        us = host_us(fn, 10 if batched else 300) / (100 if batched else 1)
         print(f"{name:50s} {us:8.1f} us")
+
+
+def op_pieces() -> dict:
+    """The feature-interaction ops' public calls, no gradient, and a plain torch op for scale."""
+    values, offsets, _, longest = jagged_inputs(256, 1024, (256,), torch.bfloat16, "skew")
+    x = jagged.JaggedTensor(values, offsets, max_len=longest)
+    y = torch.randn(256, 256, 256, device=values.device, dtype=values.dtype)
+    return {
+        "op: jagged_sum": lambda: jagged.jagged_sum(x),
+        "op: jagged_mean": lambda: jagged.jagged_mean(x),
+        "op: jagged_softmax": lambda: jagged.jagged_softmax(x),
+        "op: jagged_dense_bmm (Gluon kernel)": lambda: jagged.jagged_dense_bmm(x, y),
+        "op: torch.Tensor.add (for scale)": lambda: values.add(1.0),
+    }
 
 
 if __name__ == "__main__":
