@@ -346,3 +346,48 @@ def test_kept_launches_still_call_launch_hooks():
     seen.clear()
     jagged.jagged_softmax(x)
     assert not seen
+
+
+def _one_training_step(batch_size: int, tokens_mod_16: int, generator: torch.Generator) -> None:
+    """Attention forward+backward (D=64 bf16: the Gluon kernels on an H100), jagged_dense_bmm,
+    jagged_softmax and jagged_sum with their backward, on a batch of random lengths up to 300
+    (one row exactly 300: every batch has the same longest row, so the same tiles), the last
+    length moved so that the token count is ``tokens_mod_16`` modulo 16."""
+    lengths = torch.randint(1, 301, (batch_size,), generator=generator)
+    lengths[0] = 300
+    excess = (int(lengths.sum()) - tokens_mod_16) % 16
+    lengths[-1] += -excess if lengths[-1] > excess else 16 - excess
+    offsets = make_offsets(lengths.tolist(), torch.int64, "cuda")
+    total = int(lengths.sum())
+    q, k, v = (torch.randn(total, 2, 64, generator=generator).to("cuda", torch.bfloat16).requires_grad_(True)
+               for _ in range(3))
+    out = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=300)
+    values = torch.randn(total, 32, generator=generator).to("cuda").requires_grad_(True)
+    x = jagged.JaggedTensor(values, offsets, max_len=300)
+    dense = torch.randn(batch_size, 32, 16, generator=generator).to("cuda").requires_grad_(True)
+    loss = (out.float().sum() + jagged.jagged_dense_bmm(x, dense).values.sum()
+            + (jagged.jagged_softmax(x).values * values).sum() + jagged.jagged_sum(x).sum())
+    loss.backward()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="kernels compile on the GPU only")
+def test_batches_of_one_bucket_compile_no_new_kernels():
+    """Batch size and token count change from batch to batch. Within one bucket (here 65-127 rows,
+    longest row 300) no kernel may compile again: batch-varying integers are not specialised on
+    (docs/design.md). Warmed on one batch of 70 rows, the batches after it have 16-multiple and
+    other sizes and token counts, so a kernel that specialised on B % 16 or T % 16 (lse's
+    stride) compiles a new variant and fails this."""
+    from triton import knobs
+
+    generator = torch.Generator().manual_seed(27)
+    _one_training_step(70, 5, generator)
+    compiled = []
+    previous = knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = lambda *args, **kwargs: compiled.append(kwargs.get("fn"))
+    try:
+        for batch_size, tokens_mod_16 in ((96, 0), (71, 0), (112, 3), (127, 8), (80, 0), (65, 11)):
+            _one_training_step(batch_size, tokens_mod_16, generator)
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+    assert compiled == [], [getattr(fn, "name", fn) for fn in compiled]

@@ -183,7 +183,8 @@ def _forward_tile(
 # 53 -> 52 us). The backward keeps them runtime values: as constexprs its non-causal long rows got
 # slower (max_L=1024 f+b 1553 -> 1709-1734 us; benchmarks/NOTES.md, session 7).
 @fast_launch
-@triton.jit(do_not_specialize=["batch_size", "row_search", "contextual_len", "window", "max_distance", "seed"])
+@triton.jit(do_not_specialize=["batch_size", "row_search", "contextual_len", "window", "max_distance", "seed",
+                               "stride_lh"])
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr,
     batch_size, row_search, qk_scale, norm, head_dim: tl.constexpr, head_dim_v: tl.constexpr,
@@ -249,7 +250,7 @@ def _attention_forward_kernel(
 
 
 @fast_launch
-@triton.jit(do_not_specialize=["total_q"])
+@triton.jit(do_not_specialize=["total_q", "stride_lh"])
 def _attention_backward_delta_kernel(
     o_ptr, do_ptr, delta_ptr, total_q, head_dim_v: tl.constexpr, stride_ot, stride_oh, stride_dot, stride_doh,
     stride_lh, BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -474,7 +475,7 @@ def _backward_dq(
 
 @fast_launch
 @triton.jit(do_not_specialize=["batch_size", "row_search", "num_kv_slots", "contextual_len", "window",
-                               "max_distance", "seed"])
+                               "max_distance", "seed", "stride_lh"])
 def _attention_backward_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr, q_offsets_ptr, k_offsets_ptr,
     bias_ptr, targets_ptr, batch_size, row_search, num_kv_slots, qk_scale, scale, norm, head_dim, head_dim_v,

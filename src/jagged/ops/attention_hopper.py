@@ -160,8 +160,9 @@ if gluon is not None:
         alpha = gl.exp2(m_i - m_safe)
         return w, alpha, m_new, l_i * alpha + gl.sum(w, 1)
 
+    # Batch-varying integers are not specialised on (docs/design.md): no compile per batch.
     @fast_launch
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["batch_size", "stride_lh"])
     def _attention_forward_hopper_kernel(
         q_desc, k_desc, v_desc, o_ptr, lse_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale,
         stride_ot, stride_oh, stride_lh,

@@ -317,7 +317,7 @@ if gluon is not None:
             _store_rows(dq_ptr, dq * scale, q_start, q_len, q_begin, stride_dqt, stride_dqh, head, HEAD_D, num_warps)
 
     @fast_launch
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["batch_size", "num_kv_slots", "stride_lh"])  # batch-varying (docs/design.md)
     def _attention_backward_hopper_kernel(
         kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, kv_o_desc, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc,
         dq_o_desc, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size,

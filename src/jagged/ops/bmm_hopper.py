@@ -79,7 +79,7 @@ if gluon is not None:
             _tma_load(y_desc, [y_row + i * BLOCK_K, 0], bar, y_smem.index(stage))
 
     @fast_launch
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["batch_size", "search_stride"])  # batch-varying (docs/design.md)
     def _jagged_dense_bmm_hopper_kernel(
         x_desc, y_desc, out_ptr, offsets_ptr, batch_size, search_stride, stride_ot,
         K: gl.constexpr, N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
