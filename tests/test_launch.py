@@ -2,7 +2,8 @@
 could compile differently (a shared compiled kernel for two of them would be a silent wrong
 result), and a cached launch must hand the kernel its arguments in signature order, defaults
 filled in. On CPU the caching and binding logic runs against a stand-in kernel; on the GPU, real
-kernels with aligned and misaligned pointers are checked against the references."""
+kernels with aligned and misaligned pointers are checked against the references, and batches
+that differ only in size within one bucket must launch the kernels already compiled."""
 
 from __future__ import annotations
 
