@@ -60,23 +60,26 @@ def _compile(kernel, signature, constexprs, num_warps):
 def main():
     kernel = attention_hopper._attention_forward_hopper_kernel
     kernel = getattr(kernel, "kernel", kernel)  # ops/_launch.py: FastLaunch
+    # Each tile family of _tiles: rows up to 512; longer rows, 64-query tiles (causal, or mixed
+    # lengths) and 128-query tiles on 8 warps (long on average, not causal; D >= 64).
+    shapes = [(256, 0.0, False), (256, 0.0, True), (2048, 0.0, False), (2048, 0.0, True), (2048, 1024.0, False)]
     for head_dim in (32, 64, 128):
-        for max_len in (256, 2048):
-            tiles = attention_hopper._tiles(head_dim, max_len)
+        for max_len, mean_len, causal in shapes:
+            tiles = attention_hopper._tiles(head_dim, max_len, causal, mean_len)
+            # the two-pass row scan (B over 511 rows at 4 warps) on the long-row variants
+            scan, stride = attention_hopper.scan_shape(200 if max_len < 2048 else 2000, tiles["num_warps"])
             for dtype in (torch.bfloat16, torch.float16):
-                for causal in (False, True):
-                    x = torch.empty(1024, 2, head_dim, dtype=dtype)
-                    q_desc = attention_hopper._descriptor(x, (tiles["BLOCK_M"], head_dim)).descriptor()
-                    kv_desc = attention_hopper._descriptor(x, (tiles["BLOCK_N"], head_dim)).descriptor()
-                    # STRIDE: the two-pass row scan (B over 511 rows) on some of the variants.
-                    constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, STRIDE=1 if max_len < 2048 else 64,
-                                      SAME_OFFSETS=not causal, **tiles)
-                    signature = dict(q_desc=mangle_type(q_desc), k_desc=mangle_type(kv_desc),
-                                     v_desc=mangle_type(kv_desc), o_ptr=_pointer(dtype),
-                                     lse_ptr="*fp32", q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",
-                                     qk_scale="fp32", stride_ot="i32", stride_oh="i32", stride_lh="i32")
-                    footprint = _compile(kernel, signature, constexprs, tiles["num_warps"])
-                    print("compiled", head_dim, max_len, dtype, causal, footprint, flush=True)
+                x = torch.empty(1024, 2, head_dim, dtype=dtype)
+                q_desc = attention_hopper._descriptor(x, (tiles["BLOCK_M"], head_dim)).descriptor()
+                kv_desc = attention_hopper._descriptor(x, (tiles["BLOCK_N"], head_dim)).descriptor()
+                constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, STRIDE=stride, SAME_OFFSETS=not causal,
+                                  **tiles)
+                signature = dict(q_desc=mangle_type(q_desc), k_desc=mangle_type(kv_desc),
+                                 v_desc=mangle_type(kv_desc), o_ptr=_pointer(dtype),
+                                 lse_ptr="*fp32", q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",
+                                 qk_scale="fp32", stride_ot="i32", stride_oh="i32", stride_lh="i32")
+                footprint = _compile(kernel, signature, constexprs, tiles["num_warps"])
+                print("compiled", head_dim, max_len, mean_len, dtype, causal, tiles["num_warps"], footprint, flush=True)
 
 
 def backward():

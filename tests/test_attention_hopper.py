@@ -77,8 +77,9 @@ def check_hopper(q_lengths, k_lengths, heads, head_dim, dtype, causal, max_len, 
 
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-# Long rows take the Gluon kernel at D=128 only (64-key tiles, the softmax overlapped).
-@pytest.mark.parametrize("head_dim, max_len", [(32, 200), (32, 500), (64, 200), (64, 500), (128, 200), (128, 1000)])
+# Rows over 512 take 64-key tiles (test_forward_tile_families covers the 128-query ones).
+@pytest.mark.parametrize("head_dim, max_len", [(32, 200), (32, 500), (64, 200), (64, 500), (64, 1000), (128, 200),
+                                               (128, 1000)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_self_attention(dtype, head_dim, max_len, causal, monkeypatch, hopper_calls, backward_calls):
     # Rows of one token, exactly one and several 32/64-key tiles, a partial last tile, the longest.
@@ -173,6 +174,73 @@ def test_many_rows_two_pass_scan(batch_size, causal, monkeypatch, hopper_calls, 
                  backward_calls, self_attention=True)
 
 
+# The long-row tile families of attention_hopper._tiles, forced whatever the shape would pick: the
+# kernel's indexing and masks must hold for each (two warpgroups sharing the K/V tiles on 8 warps;
+# 64-key tiles, overlapped or not).
+LONG_ROW_TILES = {
+    "128x64_8warps": dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, OVERLAP=False, num_warps=8),
+    "64x64": dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, OVERLAP=False, num_warps=4),
+    "64x64_overlapped": dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, OVERLAP=True, num_warps=4),
+}
+
+
+def force_tiles(monkeypatch, name):
+    monkeypatch.setattr(attention_hopper, "_tiles", lambda *args: dict(LONG_ROW_TILES[name]))
+
+
+@gpu_only
+@pytest.mark.parametrize("tiles", list(LONG_ROW_TILES))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_forward_tile_families(tiles, causal, head_dim, monkeypatch, hopper_calls, backward_calls):
+    # Rows shorter than one 128-query tile, ending on and off tile edges, empty, and long.
+    lengths = [700, 1, 0, 64, 127, 128, 129, 200] + torch.randint(1, 900, (5,)).tolist()
+    force_tiles(monkeypatch, tiles)
+    check_hopper(lengths, lengths, 2, head_dim, torch.bfloat16, causal, max(lengths), monkeypatch, hopper_calls,
+                 backward_calls, self_attention=True)
+
+
+@gpu_only
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_forward_tile_families_cross_attention(causal, monkeypatch, hopper_calls, backward_calls):
+    q_lengths = [3, 600, 0, 1, 70, 133, 100]
+    k_lengths = [17, 520, 5, 40, 0, 34, 231]
+    force_tiles(monkeypatch, "128x64_8warps")
+    check_hopper(q_lengths, k_lengths, 3, 64, torch.bfloat16, causal, 600, monkeypatch, hopper_calls, backward_calls)
+
+
+@gpu_only
+def test_forward_8_warps_two_pass_scan(monkeypatch, hopper_calls, backward_calls):
+    """8 warps scan 256 offsets at a time: one pass up to 1023 rows, then every 128th offset and a
+    window of 256; rows on both sides of the sampled offsets and runs of empty rows across them.
+    (The float64 reference pads to [B, H, L, L]: rows kept short for the parallel suite's memory.)"""
+    batch_size = 1300
+    assert attention_hopper.scan_shape(batch_size, 8)[1] == 128
+    lengths = torch.randint(0, 40, (batch_size,))
+    lengths[torch.randint(0, batch_size, (8,))] = 200
+    lengths[120:140] = 0  # empty rows around the sampled offset 128
+    lengths[250:520] = 0
+    lengths[-1] = 129
+    force_tiles(monkeypatch, "128x64_8warps")
+    check_hopper(lengths.tolist(), lengths.tolist(), 2, 64, torch.bfloat16, False, 200, monkeypatch, hopper_calls,
+                 backward_calls, self_attention=True)
+
+
+def test_forward_tiles_by_shape():
+    """Rows up to 512 take 64 x 32 tiles; longer ones 64-key tiles, with 128 queries on 8 warps only
+    where rows are long on average and not causal (measured: benchmarks/NOTES.md, session 28)."""
+    tiles = attention_hopper._tiles
+    for head_dim in (32, 64, 128):
+        assert (tiles(head_dim, 512, False, 400.0)["BLOCK_M"], tiles(head_dim, 512, False, 400.0)["BLOCK_N"]) == (64, 32)
+        assert tiles(head_dim, 4096, True, 2000.0) == dict(LONG_ROW_TILES["64x64_overlapped" if head_dim == 128
+                                                                              else "64x64"])
+        assert tiles(head_dim, 2048, False, 430.0)["num_warps"] == 4
+    assert tiles(64, 4096, False, 2000.0) == LONG_ROW_TILES["128x64_8warps"]
+    assert tiles(128, 1024, False, 512.0) == LONG_ROW_TILES["128x64_8warps"]
+    assert tiles(128, None, False, 0.0) == LONG_ROW_TILES["64x64_overlapped"]
+    assert tiles(32, 4096, False, 2000.0) == LONG_ROW_TILES["64x64"]
+
+
 @gpu_only
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim, max_len", [(32, 300), (64, 300), (128, 300)])
@@ -201,11 +269,14 @@ def test_running_max_jumps_mid_row(causal, head_dim, max_len, monkeypatch, hoppe
 
 
 @gpu_only
+@pytest.mark.parametrize("tiles", [None, *LONG_ROW_TILES])
 @pytest.mark.parametrize("tensor", ["q", "k", "v"])
-def test_rows_isolated_from_non_finite_neighbours(tensor, monkeypatch, hopper_calls):
+def test_rows_isolated_from_non_finite_neighbours(tensor, tiles, monkeypatch, hopper_calls):
     """TMA loads a row's last tile whole, rows of the next row included: inf and NaN there must
     not reach this row's outputs (masked scores; zeroed V rows, as 0 * inf is NaN)."""
-    lengths = [40, 50, 3]  # row 0's last 32-key tile reaches 24 tokens into row 1
+    if tiles is not None:
+        force_tiles(monkeypatch, tiles)
+    lengths = [40, 50, 3]  # row 0's last 32-key (or 64-key) tile reaches 24 tokens into row 1
     offsets = make_offsets(lengths)
     q, k, v = (random_values((sum(lengths), 2, 64), torch.bfloat16) for _ in range(3))
     clean = jagged.jagged_flash_attention_values(q, k, v, offsets, offsets, max_len=50)

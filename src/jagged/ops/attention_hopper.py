@@ -262,15 +262,22 @@ if gluon is not None:
                     HEAD_D, num_warps)
 
 
-def _tiles(head_dim: int, max_len: Optional[int]) -> dict:
-    """Tiles by head dim and longest row (H100, graph replay, benchmarks/NOTES.md sessions 20 and
-    23): 32-key tiles and no overlap win at D <= 64 (the kernel's range) and up to max_L=512 at D=128
-    (D=64 max_L=256 uniform 40.7 us vs 44.6 with 64-key tiles overlapped), with 3 stages at D <= 64
-    and 2 at D=128 (B=256 max_L=256 D=128 uniform 66.0 -> 64.2 us, max_L=512 162 -> 152); at D=128
-    on longer rows the 64-key tiles overlapped win (B=64 max_L=1024: 77 vs 86 us)."""
-    if head_dim == 128 and (max_len is None or max_len > 512):
-        return dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, OVERLAP=True, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=32, STAGES=2 if head_dim == 128 else 3, OVERLAP=False, num_warps=4)
+def _tiles(head_dim: int, max_len: Optional[int], causal: bool = False, mean_len: float = 0.0) -> dict:
+    """Tiles by head dim, longest row and mean row length (H100, graph replay, benchmarks/NOTES.md
+    sessions 20, 23 and 28). Rows up to 512: 32-key tiles without overlap (D=64 max_L=256 uniform
+    40.7 us vs 44.6 with 64-key tiles overlapped), 3 stages at D <= 64 and 2 at D=128 (B=256
+    max_L=256 D=128 uniform 66.0 -> 64.2 us, max_L=512 162 -> 152); 128-query tiles on 8 warps lose
+    there (41.4 -> 47.2 us). Longer rows: 64-key tiles; when rows are long on average (``mean_len``
+    >= 512) and not causal, 128-query tiles on 8 warps, two warpgroups sharing each K/V tile
+    (B=64 max_L=4096 D=64 uniform 1078 -> 999 us, B=16 max_L=4096 D=128 441 -> 400); causal rows
+    and rows of mixed lengths keep 64-query tiles (causal max_L=1024 D=64 206 -> 225 with 128;
+    B=64 max_L=2048 skewed, mean 430, 95 against 102), overlapped at D=128 (B=64 max_L=1024 77 vs
+    86 us), not at D <= 64."""
+    if max_len is not None and max_len <= 512:
+        return dict(BLOCK_M=64, BLOCK_N=32, STAGES=2 if head_dim == 128 else 3, OVERLAP=False, num_warps=4)
+    if not causal and mean_len >= 512 and head_dim >= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, OVERLAP=False, num_warps=8)
+    return dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, OVERLAP=head_dim == 128, num_warps=4)
 
 
 def scan_shape(batch_size: int, num_warps: int, total: int = 0) -> tuple:
@@ -316,11 +323,11 @@ def hopper_inputs_supported(tensors: tuple, q_offsets: torch.Tensor, scale: floa
 def hopper_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
                              scale: float, max_len: Optional[int], plain_softmax: bool, int32_offsets: bool) -> bool:
     """Whether the attention forward of these (validated) inputs runs on the Gluon kernel: what
-    hopper_inputs_supported asks, and the shapes it was measured faster on (D <= 64: max_len
-    known and at most 512, as the Triton kernel is as fast on longer rows; max_len <= 128 at D=32
-    keeps the Triton kernel's 32 x 16 tiles)."""
+    hopper_inputs_supported asks, and the shapes it was measured faster on (at D <= 64 max_len
+    known: its tiles depend on it; max_len <= 128 at D=32 keeps the Triton kernel's 32 x 16
+    tiles)."""
     head_dim = q.shape[2]
-    if head_dim <= 64 and (max_len is None or max_len > 512 or (head_dim <= 32 and max_len <= 128)):
+    if head_dim <= 64 and (max_len is None or (head_dim <= 32 and max_len <= 128)):
         return False
     return hopper_inputs_supported((q, k, v), q_offsets, scale, plain_softmax, int32_offsets, ENABLED)
 
@@ -356,7 +363,7 @@ def attention_forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     kernel."""
     total_q, heads, head_dim = q.shape
     batch_size = q_offsets.numel() - 1
-    tiles = _tiles(head_dim, max_len)
+    tiles = _tiles(head_dim, max_len, causal, total_q / max(batch_size, 1))
     same = same_offsets(q_offsets, k_offsets)
     key = (head_dim, causal, q.dtype, same, tuple(sorted(tiles.items())))
     if key in _FAILED:
