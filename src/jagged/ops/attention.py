@@ -869,7 +869,7 @@ def jagged_flash_attention_values(
             non-decreasing, ``offsets[-1] == T``; one device synchronisation each). Pass
             ``False`` on hot paths whose offsets are known good: the kernels trust them.
         max_len: the longest row of q and k (or an upper bound), if known; it picks the tiles
-            (rows up to 512 get smaller ones) and never changes the result. Found by
+            (rows up to 512 get smaller ones) and changes the result only by rounding. Found by
             ``validate`` when not given.
 
     Returns:
