@@ -231,9 +231,9 @@ def test_forward_tiles_by_shape():
     where rows are long on average and not causal (measured: benchmarks/NOTES.md, session 28)."""
     tiles = attention_hopper._tiles
     for head_dim in (32, 64, 128):
-        assert (tiles(head_dim, 512, False, 400.0)["BLOCK_M"], tiles(head_dim, 512, False, 400.0)["BLOCK_N"]) == (64, 32)
-        assert tiles(head_dim, 4096, True, 2000.0) == dict(LONG_ROW_TILES["64x64_overlapped" if head_dim == 128
-                                                                              else "64x64"])
+        short = tiles(head_dim, 512, False, 400.0)
+        assert (short["BLOCK_M"], short["BLOCK_N"], short["num_warps"]) == (64, 32, 4)
+        assert tiles(head_dim, 4096, True, 2000.0) == LONG_ROW_TILES["64x64_overlapped" if head_dim == 128 else "64x64"]
         assert tiles(head_dim, 2048, False, 430.0)["num_warps"] == 4
     assert tiles(64, 4096, False, 2000.0) == LONG_ROW_TILES["128x64_8warps"]
     assert tiles(128, 1024, False, 512.0) == LONG_ROW_TILES["128x64_8warps"]

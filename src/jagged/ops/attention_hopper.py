@@ -262,7 +262,7 @@ if gluon is not None:
                     HEAD_D, num_warps)
 
 
-def _tiles(head_dim: int, max_len: Optional[int], causal: bool = False, mean_len: float = 0.0) -> dict:
+def _tiles(head_dim: int, max_len: Optional[int], causal: bool, mean_len: float) -> dict:
     """Tiles by head dim, longest row and mean row length (H100, graph replay, benchmarks/NOTES.md
     sessions 20, 23 and 28). Rows up to 512: 32-key tiles without overlap (D=64 max_L=256 uniform
     40.7 us vs 44.6 with 64-key tiles overlapped), 3 stages at D <= 64 and 2 at D=128 (B=256
