@@ -100,9 +100,11 @@ def backward():
                                  dv_ptr=_pointer(dtype), q_offsets_ptr="*i64", k_offsets_ptr="*i64", batch_size="i32",
                                  num_kv_slots="i32", qk_scale="fp32", scale="fp32")
                 signature.update({name: "i32" for name in kernel.arg_names if name.startswith("stride")})
-                # STRIDE: the two-pass row scan (B over 511 rows) on some of the variants.
+                # STRIDE: the two-pass row scan (B over 511 rows) on some of the variants; INTERLEAVE
+                # (self-attention's slot order) on the self-attention ones.
+                interleave = not causal and tiles["KV_BLOCK_N"] == tiles["Q_BLOCK_M"]
                 constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, STRIDE=64 if causal else 1,
-                                  FUSED_DELTA=fused_delta, SAME_OFFSETS=not causal, **tiles)
+                                  FUSED_DELTA=fused_delta, SAME_OFFSETS=not causal, INTERLEAVE=interleave, **tiles)
                 footprint = _compile(kernel, signature, constexprs, tiles["num_warps"])
                 print("compiled backward", head_dim, dtype, causal, fused_delta, footprint, flush=True)
 

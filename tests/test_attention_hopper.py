@@ -356,6 +356,51 @@ def test_backward_makes_delta_on_short_rows(head_dim, max_len, fused, monkeypatc
 
 
 @gpu_only
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim, batch_size", [(32, 9), (64, 9), (128, 9), (64, 700)])
+def test_backward_program_order(head_dim, batch_size, causal, monkeypatch):
+    """Self-attention on rows up to 512 alternates the dK/dV and dQ programs (interleaves); each
+    program computes what it did with every dK/dV program first, so the gradients are bitwise
+    equal (empty rows, rows shorter than a block, on block edges; 700 rows: the two-pass scan)."""
+    orders = []
+    rule = attention_hopper_backward.interleaves
+
+    def recorded(*args):
+        orders.append(rule(*args))
+        return orders[-1]
+
+    monkeypatch.setattr(attention_hopper_backward, "interleaves", recorded)
+    lengths = torch.randint(0, 300, (batch_size,))
+    lengths[:5] = torch.tensor([0, 64, 1, 500, 129])
+    lengths = lengths.tolist()
+    offsets = make_offsets(lengths)
+    q, k, v, do = (random_values((sum(lengths), 2, head_dim), torch.bfloat16) for _ in range(4))
+    scale = 1 / math.sqrt(head_dim)
+    out, lse = attention._attention_forward(q, k, v, offsets, offsets, causal, scale, 500)
+    interleaved = attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, causal, scale, 500)[:3]
+    monkeypatch.setattr(attention_hopper_backward, "INTERLEAVE", False)
+    split = attention._attention_backward(do, q, k, v, out, lse, offsets, offsets, causal, scale, 500)[:3]
+    assert orders == [True, False]
+    for name, got, want in zip(("dq", "dk", "dv"), interleaved, split):
+        assert torch.equal(got, want), name
+
+
+def test_backward_interleave_rule(monkeypatch):
+    """Interleaved only in self-attention, with as many keys a dK/dV program as queries a dQ
+    program, on rows of at most 512 (known); INTERLEAVE = False turns it off."""
+    rule = attention_hopper_backward.interleaves
+    for head_dim in (32, 64, 128):
+        for causal in (False, True):
+            tiles = attention_hopper_backward._tiles(head_dim, causal, not causal and head_dim <= 64)
+            assert rule(True, tiles, 512) and rule(True, tiles, 1)
+            assert not rule(False, tiles, 256) and not rule(True, tiles, 513) and not rule(True, tiles, None)
+    tiles = dict(attention_hopper_backward._tiles(64, False, True), Q_BLOCK_M=32)
+    assert not rule(True, tiles, 256)
+    monkeypatch.setattr(attention_hopper_backward, "INTERLEAVE", False)
+    assert not rule(True, attention_hopper_backward._tiles(64, False, True), 256)
+
+
+@gpu_only
 def test_unsupported_backward_keeps_the_triton_kernel(monkeypatch, backward_calls):
     lengths = [30, 100]
     offsets = make_offsets(lengths)

@@ -742,7 +742,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         # On short rows the Gluon backward makes delta itself from O (no delta kernel).
         if (hopper and attention_hopper_backward.fuses_delta(out, max_len)
                 and attention_hopper_backward.attention_backward_hopper(
-                    do, q, k, v, lse, None, q_offsets, k_offsets, causal, scale, dq, dk, dv, out=out)):
+                    do, q, k, v, lse, None, q_offsets, k_offsets, causal, scale, dq, dk, dv, max_len, out=out)):
             return dq, dk, dv, lse.new_empty((0,))  # (plain softmax: no bias, no bias gradient)
         delta = torch.empty_like(lse)
         block_t = 64
@@ -750,7 +750,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             out, do, delta, q.shape[0], v.shape[2], *out.stride()[:2], *do.stride()[:2], delta.stride(0),
             BLOCK_T=block_t, BLOCK_DV=_block_dim(v.shape[2]))
         if hopper and attention_hopper_backward.attention_backward_hopper(
-                do, q, k, v, lse, delta, q_offsets, k_offsets, causal, scale, dq, dk, dv):
+                do, q, k, v, lse, delta, q_offsets, k_offsets, causal, scale, dq, dk, dv, max_len):
             return dq, dk, dv, lse.new_empty((0,))
     # The Triton kernel (its tiles found only now: the Gluon calls above need none of them).
     tiles = _tiles("backward", q.shape[2], v.shape[2], max_len, hstu_mask, plain)

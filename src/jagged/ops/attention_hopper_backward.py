@@ -2,10 +2,11 @@
 launcher, and the rule for when the library's attention backward takes it.
 
 It computes what ops/attention.py's Triton backward computes for plain softmax attention, with
-the same split of the work: one launch whose first programs each own one block of one row's
-keys (dK, dV: stream over the row's queries) and whose other programs each own one block of
-one row's queries (dQ: stream over the row's keys). Every gradient element is written by one
-program, without atomics: deterministic. delta = rowsum(dO * O) comes from the Triton delta
+the same split of the work: one launch whose programs each own one block of one row's keys
+(dK, dV: stream over the row's queries) or one block of one row's queries (dQ: stream over the
+row's keys); all of the first kind come first, or, on short rows, the two kinds alternate
+(interleaves). Every gradient element is written by one program, without atomics:
+deterministic. delta = rowsum(dO * O) comes from the Triton delta
 kernel before it, or on short rows (fuses_delta) from the kernel itself, out of O tiles that
 stream with Q and dO. As in the Hopper forward (ops/attention_hopper.py):
 
@@ -35,6 +36,7 @@ from ._launch import fast_launch
 # JAGGED_HOPPER_ATTENTION_BACKWARD=0 keeps every backward on the Triton kernel.
 ENABLED = os.environ.get("JAGGED_HOPPER_ATTENTION_BACKWARD", "1") != "0"
 FUSED_DELTA = True  # see fuses_delta
+INTERLEAVE = True  # see interleaves
 _FAILED: set = set()
 
 if gluon is not None:
@@ -326,20 +328,29 @@ if gluon is not None:
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, KV_BLOCK_M: gl.constexpr, KV_BLOCK_N: gl.constexpr,
         Q_BLOCK_M: gl.constexpr, Q_BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCAN: gl.constexpr,
         STRIDE: gl.constexpr, FUSED_DELTA: gl.constexpr, SAME_OFFSETS: gl.constexpr, VECTOR_RING: gl.constexpr,
-        num_warps: gl.constexpr,
+        INTERLEAVE: gl.constexpr, num_warps: gl.constexpr,
     ):
         # One launch for both kinds of program (as the Triton backward: they fill each other's tails).
         # FUSED_DELTA: each program makes delta = rowsum(dO * O) from O tiles (the *_o_desc) instead
-        # of reading the delta kernel's (delta_ptr).
+        # of reading the delta kernel's (delta_ptr). INTERLEAVE (the two kinds have the same slots:
+        # self-attention, KV_BLOCK_N == Q_BLOCK_M): program 2s is the dK/dV program of slot s and
+        # 2s + 1 its dQ program, so the two read one row's tiles at about the same time, from L2.
         slot = gl.program_id(0)
         head = gl.program_id(1)
-        if slot < num_kv_slots:
+        if INTERLEAVE:
+            kv = slot % 2 == 0
+            slot = slot // 2
+        else:
+            kv = slot < num_kv_slots
+            if not kv:
+                slot -= num_kv_slots
+        if kv:
             _dkdv_program(slot, head, kv_q_desc, kv_k_desc, kv_v_desc, kv_do_desc, kv_o_desc, lse_ptr, delta_ptr,
                           dk_ptr, dv_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dkt,
                           stride_dkh, stride_dvt, stride_dvh, stride_lh, CAUSAL, HEAD_D, KV_BLOCK_M, KV_BLOCK_N, STAGES,
                           SCAN, STRIDE, FUSED_DELTA, SAME_OFFSETS, VECTOR_RING, num_warps)
         else:
-            _dq_program(slot - num_kv_slots, head, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc, dq_o_desc, lse_ptr,
+            _dq_program(slot, head, dq_q_desc, dq_k_desc, dq_v_desc, dq_do_desc, dq_o_desc, lse_ptr,
                         delta_ptr, dq_ptr, q_offsets_ptr, k_offsets_ptr, batch_size, qk_scale, scale, stride_dqt,
                         stride_dqh, stride_lh, CAUSAL, HEAD_D, Q_BLOCK_M, Q_BLOCK_N, STAGES, SCAN, STRIDE, FUSED_DELTA,
                         SAME_OFFSETS, num_warps)
@@ -404,14 +415,32 @@ def fuses_delta(out: torch.Tensor, max_len: Optional[int]) -> bool:
             and attention_hopper._tma_ready(out))
 
 
+def interleaves(same: bool, tiles: dict, max_len: Optional[int]) -> bool:
+    """Whether the launch interleaves the two kinds of program (the kernel's INTERLEAVE: program
+    2s the dK/dV program of slot s, 2s + 1 its dQ program) instead of running every dK/dV
+    program first: in self-attention (``same``) with as many keys a dK/dV program as queries a dQ
+    program (the two kinds then have the same slots), on rows of at most 512 (max_len known). The
+    two programs of a slot read one block's row at about the same time, so the second finds it in
+    L2; with the dK/dV programs first, a head's Q, dO, O, K and V were read from memory twice once
+    they passed L2's size. H100, graph replay (benchmarks/NOTES.md, session 29): B=1024 max_L=256
+    D=64 uniform 385 -> 355 us, skewed 167 -> 155, B=256 max_L=256 D=128 190 -> 181, D=64 uniform
+    96.5 -> 94.8, max_L=512 uniform 267 -> 261; max_L=512 skewed 89.7 -> 90.8. On longer rows it
+    lost (B=64 max_L=2048 skewed 235 -> 248, D=128 max_L=1024 200 -> 205). INTERLEAVE = False
+    turns it off."""
+    return (INTERLEAVE and same and tiles["KV_BLOCK_N"] == tiles["Q_BLOCK_M"] and max_len is not None
+            and max_len <= 512)
+
+
 def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                               delta: Optional[torch.Tensor], q_offsets: torch.Tensor, k_offsets: torch.Tensor,
                               causal: bool, scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-                              tiles: Optional[dict] = None, out: Optional[torch.Tensor] = None) -> bool:
+                              max_len: Optional[int], tiles: Optional[dict] = None,
+                              out: Optional[torch.Tensor] = None) -> bool:
     """Fill dq, dk, dv for inputs that hopper_backward_supported accepted, from the forward's
     base-2 ``lse`` and ``delta`` = rowsum(dO * O) (both [H, T_q], one stride), or, with ``delta``
     None, from the forward's output ``out`` (TMA-ready, as q), of which the kernel makes delta
-    itself. ``tiles`` replaces _tiles' choice (tuning scripts). Returns False, having written
+    itself. ``max_len`` (the longest row, or None) decides the order of the programs
+    (interleaves). ``tiles`` replaces _tiles' choice (tuning scripts). Returns False, having written
     nothing, if this Triton cannot compile the kernel (warned once per configuration); the caller
     then runs the Triton kernel."""
     total_q, heads, head_dim = q.shape
@@ -426,6 +455,7 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     scan, stride = attention_hopper.scan_shape(batch_size, tiles["num_warps"])
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + total_q // tiles["Q_BLOCK_M"]
+    interleave = interleaves(same, tiles, max_len)
     kv_m, kv_n, q_m, q_n = tiles["KV_BLOCK_M"], tiles["KV_BLOCK_N"], tiles["Q_BLOCK_M"], tiles["Q_BLOCK_N"]
     # Each operand in the dK/dV programs' box and the dQ programs' box (one object, encoded once,
     # when the two agree).
@@ -440,7 +470,8 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
             lse, lse if fused else delta, dq, dk, dv, q_offsets, k_offsets, batch_size, num_kv_slots,
             scale * 1.4426950408889634, scale,
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, STRIDE=stride, FUSED_DELTA=fused, SAME_OFFSETS=same, **tiles)
+            CAUSAL=causal, HEAD_D=head_dim, SCAN=scan, STRIDE=stride, FUSED_DELTA=fused, SAME_OFFSETS=same,
+            INTERLEAVE=interleave, **tiles)
     except _gluon.COMPILE_ERRORS as error:  # Gluon's API moves between releases
         return _gluon.compile_failed(_FAILED, key, "attention backward", error)
     return True
