@@ -449,13 +449,13 @@ def attention_backward_hopper(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     # A tuning script's tiles without VECTOR_RING (written before it existed) get the per-tile loads.
     tiles = {"VECTOR_RING": False, **tiles} if tiles else _tiles(head_dim, causal, fused)
     same = attention_hopper.same_offsets(q_offsets, k_offsets)
-    key = (head_dim, causal, q.dtype, fused, same, tuple(sorted(tiles.items())))
+    interleave = interleaves(same, tiles, max_len)
+    key = (head_dim, causal, q.dtype, fused, same, interleave, tuple(sorted(tiles.items())))
     if key in _FAILED:
         return False
     scan, stride = attention_hopper.scan_shape(batch_size, tiles["num_warps"])
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + total_q // tiles["Q_BLOCK_M"]
-    interleave = interleaves(same, tiles, max_len)
     kv_m, kv_n, q_m, q_n = tiles["KV_BLOCK_M"], tiles["KV_BLOCK_N"], tiles["Q_BLOCK_M"], tiles["Q_BLOCK_N"]
     # Each operand in the dK/dV programs' box and the dQ programs' box (one object, encoded once,
     # when the two agree).
