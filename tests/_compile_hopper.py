@@ -101,8 +101,8 @@ def backward():
                                  num_kv_slots="i32", qk_scale="fp32", scale="fp32")
                 signature.update({name: "i32" for name in kernel.arg_names if name.startswith("stride")})
                 # STRIDE: the two-pass row scan (B over 511 rows) on some of the variants; INTERLEAVE
-                # (self-attention's slot order) on the self-attention ones.
-                interleave = not causal and tiles["KV_BLOCK_N"] == tiles["Q_BLOCK_M"]
+                # (the launcher's rule, short rows) on the self-attention ones.
+                interleave = attention_hopper_backward.interleaves(not causal, tiles, 512)
                 constexprs = dict(CAUSAL=causal, HEAD_D=head_dim, SCAN=512, STRIDE=64 if causal else 1,
                                   FUSED_DELTA=fused_delta, SAME_OFFSETS=not causal, INTERLEAVE=interleave, **tiles)
                 footprint = _compile(kernel, signature, constexprs, tiles["num_warps"])
