@@ -239,11 +239,23 @@ def test_unmasked_tile_loops(monkeypatch, unmasked_tiles, causal, cross):
     from jagged.ops import attention
 
     default_tiles = attention._tiles
-    monkeypatch.setattr(attention, "_tiles", lambda *args: {**default_tiles(*args), "UNMASKED_TILES": unmasked_tiles})
+    monkeypatch.setattr(attention, "_tiles",
+                        lambda *args, **kwargs: {**default_tiles(*args, **kwargs), "UNMASKED_TILES": unmasked_tiles})
     q_lengths = [200, 7, 0, 129, 64] if ON_GPU else [40, 7, 0, 33, 16]
     k_lengths = [150, 7, 3, 190, 64] if ON_GPU else [29, 7, 3, 50, 16]
     check_attention(q_lengths, k_lengths if cross else q_lengths, 2, 32, 32, torch.float32, causal,
                     self_attention=not cross)
+
+
+def test_no_unmasked_loop_with_hstu_masks_or_bias():
+    """Both kernels compile the unmasked loop only without the HSTU masks (full_key_tiles_end
+    knows none) and without a bias (measured slower there)."""
+    from jagged.ops import attention
+
+    for kernel in ("forward", "backward"):
+        assert attention._tiles(kernel, 64, 64, 1024)["UNMASKED_TILES"]
+        assert not attention._tiles(kernel, 64, 64, 1024, hstu_mask=True)["UNMASKED_TILES"]
+        assert not attention._tiles(kernel, 64, 64, 1024, bias=True)["UNMASKED_TILES"]
 
 
 def test_bad_max_len():

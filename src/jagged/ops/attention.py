@@ -521,11 +521,16 @@ TINY_ROWS = 128
 
 
 def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = None, hstu_mask: bool = False,
-           plain: bool = False) -> dict:
+           plain: bool = False, bias: bool = False) -> dict:
     """Launch tiles; ``plain``: softmax attention without a bias, dropout or HSTU mask (the
-    variant the backward's long-row tiles were measured on)."""
+    variant the backward's long-row tiles were measured on); ``bias``: a relative-position bias."""
     tiles = _block_sizes(kernel, head_dim, head_dim_v, max_len, plain)
-    if hstu_mask:  # every tile is masked: no unmasked loop compiled (full_key_tiles_end knows no HSTU mask)
+    # No unmasked loop with the HSTU masks (every tile is masked: full_key_tiles_end knows none) or
+    # with a bias: there the second loop cost more than the masks it saves (H100, graph replay,
+    # benchmarks/NOTES.md session 30; B=512 H=4 D=128 causal softmax + bias, max_L=1024 forward
+    # 3849 -> 3040 us, forward+backward 12024 -> 10046; max_L=4096 at 5% fill 1347 -> 940, 4015 ->
+    # 3160; D=64 max_L=1024 forward 1158 -> 1067).
+    if hstu_mask or bias:
         tiles["UNMASKED_TILES"] = False
     if kernel == "backward":  # the dQ tiles' diagonals, for the bias gradient
         tiles["BLOCK_W"] = next_power_of_2(tiles["Q_BLOCK_M"] + tiles["Q_BLOCK_N"] - 1)
@@ -687,7 +692,8 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
             and attention_hopper.attention_forward_hopper(q, k, v, q_offsets, k_offsets, causal, scale, max_len, out,
                                                           lse)):
         return out, lse
-    tiles = _tiles("forward", head_dim, head_dim_v, max_len, _hstu_mask(num_targets, contextual_len, window))
+    tiles = _tiles("forward", head_dim, head_dim_v, max_len, _hstu_mask(num_targets, contextual_len, window),
+                   bias=bias is not None)
     grid = (batch_size + total_q // tiles["BLOCK_M"], heads)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, q_offsets, k_offsets,
@@ -753,7 +759,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                 do, q, k, v, lse, delta, q_offsets, k_offsets, causal, scale, dq, dk, dv, max_len):
             return dq, dk, dv, lse.new_empty((0,))
     # The Triton kernel (its tiles found only now: the Gluon calls above need none of them).
-    tiles = _tiles("backward", q.shape[2], v.shape[2], max_len, hstu_mask, plain)
+    tiles = _tiles("backward", q.shape[2], v.shape[2], max_len, hstu_mask, plain, bias is not None)
     num_kv_slots = batch_size + k.shape[0] // tiles["KV_BLOCK_N"]
     num_q_slots = batch_size + q.shape[0] // tiles["Q_BLOCK_M"]
     # Bias gradient: one row of partial sums per (dQ program, head), summed in a fixed order
