@@ -53,7 +53,9 @@ def main():
                                           **common, **tiles)
                     else:
                         kernel = attention._attention_backward_kernel
-                        constexprs = dict(BIAS_GRAD=flags["HAS_BIAS"], BLOCK_W=128, **common, **tiles)
+                        # Programs interleaved where the launcher would (rows up to 512 known).
+                        constexprs = dict(BIAS_GRAD=flags["HAS_BIAS"], BLOCK_W=128, INTERLEAVE=max_len is not None,
+                                          **common, **tiles)
                     # The row finders: the one-pass scan (int32, short rows), the two-pass scan
                     # (int32, long rows), the binary search (int64).
                     constexprs.update(SCAN_ROWS=(512 if max_len else 64) if int32 else 0,

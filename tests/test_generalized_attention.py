@@ -251,3 +251,67 @@ def test_gpu_tile_buckets(activation, head_dim, max_len):
     check(lengths, lengths, dict(activation=activation, causal=True, num_targets="random", contextual_len=2,
                                  window=max_len // 3, deterministic=True), heads=2, head_dim=head_dim,
           dtype=torch.bfloat16, max_distance=32, max_len=max_len)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_triton_backward_program_order(monkeypatch, activation, causal):
+    """The Triton backward alternates its dK/dV and dQ programs in self-attention on rows up to 512
+    (attention._interleaves, its size floor lifted here), as the Gluon one does; each program computes what it
+    did with every dK/dV program first, so the gradients (and the bias gradient's fixed-order sums)
+    are bitwise equal. Every feature on; plain softmax kept off the Gluon kernel on the GPU."""
+    from jagged.ops import attention, attention_hopper_backward
+
+    monkeypatch.setattr(attention_hopper_backward, "hopper_backward_supported", lambda *args: False)
+    monkeypatch.setattr(attention, "TRITON_INTERLEAVE_MIN_BYTES", 0)  # these heads are small
+    orders = []
+    rule = attention_hopper_backward.interleaves
+
+    def recorded(*args):
+        orders.append(rule(*args))
+        return orders[-1]
+
+    monkeypatch.setattr(attention_hopper_backward, "interleaves", recorded)
+    if ON_GPU:
+        lengths = [0, 64, 1, 500, 129] + torch.randint(0, 300, (20,)).tolist()
+        head_dim, dtype = 64, torch.bfloat16
+    else:  # the interpreter's 16 x 16 tiles: rows of one, several and a partial block
+        lengths = [5, 0, 40, 16, 1, 33]
+        head_dim, dtype = 16, torch.float32
+    features = {} if activation == "softmax" else dict(num_targets="random", contextual_len=1, window=20,
+                                                      dropout_p=0.2, seed=5, deterministic=True)
+    q, k, v, offsets, _, bias = make_inputs(lengths, lengths, 2, head_dim, dtype, True,
+                                            None if activation == "softmax" else 8)
+    if features:
+        features["num_targets"] = torch.tensor([min(n, 1 + n // 3) for n in lengths], device=DEVICE)
+    jq, jk, jv = (JaggedTensor(x, offsets, max_len=max(lengths)) for x in (q, k, v))
+    out = jagged.jagged_attention(jq, jk, jv, activation=activation, causal=causal, bias=bias, **features).values
+    grad = random_values(out.shape, dtype)
+    inputs = [x for x in (q, k, v, bias) if x is not None]
+    interleaved = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    monkeypatch.setattr(attention_hopper_backward, "INTERLEAVE", False)
+    split = torch.autograd.grad(out, inputs, grad)
+    assert orders == [True, False]
+    for name, got, want in zip("qkvb", interleaved, split):
+        assert torch.equal(got, want), name
+
+
+def test_triton_backward_interleave_rule():
+    """The Triton backward interleaves where the Gluon rule holds and a head's Q, K, V, O and dO
+    reach the size floor (bytes from the shapes: 2 * D_qk + 3 * D_v elements a token)."""
+    from jagged.ops import attention
+
+    tiles = dict(KV_BLOCK_N=64, Q_BLOCK_M=64)
+    offsets, other = make_offsets([3, 4]), make_offsets([4, 3])
+    floor = attention.TRITON_INTERLEAVE_MIN_BYTES
+    tokens = floor // (5 * 32 * 2)  # bf16, D=32: just under the floor, then one more token
+    q = torch.empty((tokens, 1, 32), dtype=torch.bfloat16, device="meta")
+    q_more = torch.empty((tokens + 1, 1, 32), dtype=torch.bfloat16, device="meta")
+    assert not attention._interleaves(q, q, offsets, offsets, tiles, 512)
+    assert attention._interleaves(q_more, q_more, offsets, offsets, tiles, 512)
+    assert not attention._interleaves(q_more, q_more, offsets, other, tiles, 512)  # cross-attention
+    assert not attention._interleaves(q_more, q_more, offsets, offsets, tiles, 513)
+    assert not attention._interleaves(q_more, q_more, offsets, offsets, tiles, None)
+    assert not attention._interleaves(q_more, q_more, offsets, offsets, dict(tiles, Q_BLOCK_M=32), 512)
+    q_float = torch.empty((tokens, 1, 32), dtype=torch.float32, device="meta")  # twice the bytes
+    assert attention._interleaves(q_float, q_float, offsets, offsets, tiles, 512)

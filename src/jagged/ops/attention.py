@@ -488,13 +488,23 @@ def _attention_backward_kernel(
     BIAS_GRAD: tl.constexpr, INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, SCAN_STRIDE: tl.constexpr,
     KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr, Q_BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
 ):
     # One launch for dK, dV and dQ (launches dominate short rows): slots [0, num_kv_slots) own key
-    # blocks (dK, dV), the rest own query blocks (dQ). Each dQ, dK, dV element is written by
-    # exactly one program, with no atomics; so is each bias partial sum: deterministic.
+    # blocks (dK, dV), the rest own query blocks (dQ); with INTERLEAVE (the two kinds have the same
+    # slots) program 2s is slot s's dK/dV program and 2s + 1 its dQ program, so that both read the
+    # row's tiles while they are in L2 (attention_hopper_backward.interleaves). Each dQ, dK, dV
+    # element is written by exactly one program, with no atomics; so is each bias partial sum:
+    # deterministic.
     head = _narrow(tl.program_id(1).to(tl.int64), INT32_OFFSETS)
     slot = tl.program_id(0).to(tl.int64)  # int64: it indexes the bias gradient's partial sums
-    if slot < num_kv_slots:
+    if INTERLEAVE:
+        kv = slot % 2 == 0
+        slot = slot // 2
+    else:
+        kv = slot < num_kv_slots
+        slot = tl.where(kv, slot, slot - num_kv_slots)
+    if kv:
         _backward_dkdv(slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                        q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, row_search, qk_scale,
                        scale, norm, head_dim, head_dim_v, contextual_len, window, max_distance, dropout_p, seed,
@@ -504,7 +514,7 @@ def _attention_backward_kernel(
                        INT32_OFFSETS, SCAN_ROWS, SCAN_STRIDE, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV,
                        PRECISION)
     else:
-        _backward_dq(slot - num_kv_slots, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
+        _backward_dq(slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
                      q_offsets_ptr, k_offsets_ptr, bias_ptr, targets_ptr, batch_size, row_search, qk_scale,
                      scale, norm, head_dim, head_dim_v, contextual_len, window, max_distance, dropout_p, seed,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -718,6 +728,23 @@ def _(q, k, v, q_offsets, k_offsets, causal, scale, max_len=None, activation=0, 
             q.new_empty((q.shape[1], q.shape[0] if activation == 0 else 0), dtype=torch.float32))
 
 
+# The Triton backward interleaves its two kinds of program only once a head's Q, K, V, O and dO
+# hold this many bytes (H100, graph replay, benchmarks/NOTES.md session 30): at 8.6-9.0 MB it lost
+# 2-3% (nothing is read from memory twice, and the split order's dQ programs fill the tail), from
+# 17 MB on it won 2-9%.
+TRITON_INTERLEAVE_MIN_BYTES = 12 * 2 ** 20
+
+
+def _interleaves(q: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor, tiles: dict,
+                 max_len: Optional[int]) -> bool:
+    """The Triton backward's INTERLEAVE: where the Gluon backward's rule
+    (attention_hopper_backward.interleaves) holds and a head's tensors reach
+    TRITON_INTERLEAVE_MIN_BYTES."""
+    head_bytes = q.shape[0] * (2 * q.shape[2] + 3 * v.shape[2]) * q.element_size()
+    return head_bytes >= TRITON_INTERLEAVE_MIN_BYTES and attention_hopper_backward.interleaves(
+        attention_hopper.same_offsets(q_offsets, k_offsets), tiles, max_len)
+
+
 @jagged_op("flash_attention_backward")
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor, causal: bool,
@@ -776,6 +803,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
         stride_dbs=bias_partial.stride(0) if bias_grad else 0, stride_dbh=bias_partial.stride(1) if bias_grad else 0,
         BIAS_GRAD=bias_grad, INT32_OFFSETS=_int32_offsets((q, k, v, do), (lse, delta), gradients),
+        INTERLEAVE=_interleaves(q, v, q_offsets, k_offsets, tiles, max_len),
         **_row_scan(batch_size, tiles["num_warps"], max(q.shape[0], k.shape[0]), max(q.shape[2], v.shape[2])),
         **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
                            dropout_p, seed),

@@ -425,8 +425,9 @@ def interleaves(same: bool, tiles: dict, max_len: Optional[int]) -> bool:
     they passed L2's size. H100, graph replay (benchmarks/NOTES.md, session 29): B=1024 max_L=256
     D=64 uniform 385 -> 355 us, skewed 167 -> 155, B=256 max_L=256 D=128 190 -> 181, D=64 uniform
     96.5 -> 94.8, max_L=512 uniform 267 -> 261; max_L=512 skewed 89.7 -> 90.8. On longer rows it
-    lost (B=64 max_L=2048 skewed 235 -> 248, D=128 max_L=1024 200 -> 205). INTERLEAVE = False
-    turns it off."""
+    lost (B=64 max_L=2048 skewed 235 -> 248, D=128 max_L=1024 200 -> 205). The Triton backward
+    takes the same rule with a size floor (ops/attention.py: _interleaves). INTERLEAVE = False
+    turns it off in both."""
     return (INTERLEAVE and same and tiles["KV_BLOCK_N"] == tiles["Q_BLOCK_M"] and max_len is not None
             and max_len <= 512)
 
