@@ -43,7 +43,8 @@ def main():
     for feature, flags in features.items():
         for int32 in (True, False):
             for max_len in (100, None):
-                common = dict(CAUSAL=True, NORM_BY_LENGTH=True, PRECISION="ieee", INT32_OFFSETS=int32, **flags)
+                common = dict(CAUSAL=True, NORM_BY_LENGTH=True, PRECISION="ieee", INT32_OFFSETS=int32,
+                              FAR_TILES=flags["HAS_BIAS"], **flags)
                 for kernel_name in ("forward", "backward"):
                     tiles = attention._block_sizes(kernel_name, 32, 32, max_len, feature == "plain")
                     warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")

@@ -315,3 +315,28 @@ def test_triton_backward_interleave_rule():
     assert not attention._interleaves(q_more, q_more, offsets, offsets, dict(tiles, Q_BLOCK_M=32), 512)
     q_float = torch.empty((tokens, 1, 32), dtype=torch.float32, device="meta")  # twice the bytes
     assert attention._interleaves(q_float, q_float, offsets, offsets, tiles, 512)
+
+
+@pytest.mark.parametrize("far_tiles", [False, True], ids=["per-score", "far-tiles"])
+@pytest.mark.parametrize("variant", ["softmax", "hstu", "cross"])
+def test_far_bias_tiles(monkeypatch, far_tiles, variant):
+    """With a bias, the tiles at least R from every query (key) of a block may run with one bias
+    value (FAR_TILES, a launch choice): forward, dQ, dK/dV and the bias gradient must match the
+    reference either way, with rows many tiles past R, rows shorter than R, empty rows, HSTU masks
+    and cross-attention (queries end-aligned to longer or shorter key rows)."""
+    from jagged.ops import attention
+
+    monkeypatch.setattr(attention, "_far_tiles", lambda *args: far_tiles)
+    if ON_GPU:
+        q_lengths, k_lengths, head_dim, dtype, max_distance = [300, 0, 1, 129, 64, 500], [250, 5, 1, 400, 64, 20], 64, \
+            torch.bfloat16, 32
+    else:
+        q_lengths, k_lengths, head_dim, dtype, max_distance = [40, 0, 1, 33, 16], [29, 5, 1, 50, 16], 16, \
+            torch.float32, 6
+    options = dict(causal=True)
+    if variant == "hstu":
+        options = dict(activation="silu", causal=True, num_targets="random", contextual_len=2)
+    cross = variant == "cross"
+    check(q_lengths, k_lengths if cross else q_lengths, options, head_dim=head_dim, dtype=dtype,
+          self_attention=not cross, max_distance=max_distance,
+          max_len=max(q_lengths + (k_lengths if cross else [])))

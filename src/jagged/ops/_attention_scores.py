@@ -135,6 +135,39 @@ def relative_bias(bias_ptr, head, stride_bh, rel, max_distance):
 
 
 @triton.jit
+def far_tiles_end(start, end, first_pos, max_distance, BLOCK: tl.constexpr):
+    """End of the key tiles from ``start`` (a multiple of BLOCK, up to ``end``) whose every key is at
+    least R = ``max_distance`` before ``first_pos``, the position of the block's first query: every
+    distance of those tiles clamps to -R, so one bias value serves them all (far_bias_value). Those
+    keys are in the row and before every query's position: visible to the whole block, unless
+    HSTU's masks hide some."""
+    limit = tl.maximum(first_pos - max_distance + 1, 0)  # the max keeps negatives from the division
+    return tl.minimum(tl.maximum(limit // BLOCK * BLOCK, start), end)
+
+
+@triton.jit
+def far_query_tiles_start(start, end, last_key_index, max_distance, BLOCK: tl.constexpr):
+    """Start of the query tiles (from ``start``, a multiple of BLOCK, up to ``end``) whose every
+    query is at least R = ``max_distance`` past the block's last key, ``last_key_index`` being that
+    key's position in query row indices (key index - (L_k - L_q)): every distance clamps to -R
+    (far_tiles_end, seen from the keys). Queries past the row's end may share the last tile: the
+    backward loads them as zeros with lse = +inf, so they add nothing."""
+    first = tl.maximum(last_key_index + max_distance, 0)  # the max keeps negatives from the division
+    first = (first + BLOCK - 1) // BLOCK * BLOCK
+    return tl.minimum(tl.maximum(first, start), end)
+
+
+@triton.jit
+def far_bias_value(bias_ptr, head, stride_bh, ACTIVATION: tl.constexpr):
+    """bias[head, 0], the bias of every distance at or below -R, in the scores' units (base 2 for
+    softmax)."""
+    value = tl.load(bias_ptr + head * stride_bh).to(tl.float32)
+    if ACTIVATION == 0:
+        value = value * 1.4426950408889634
+    return value
+
+
+@triton.jit
 def dropout_keep(seed, q_tokens, k_tokens, head, dropout_p):
     """Keep-mask: one Philox draw per (query token, key token, head), broadcast 2-D tokens."""
     zero = (q_tokens * 0 + k_tokens * 0).to(tl.uint32)

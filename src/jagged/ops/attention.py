@@ -23,9 +23,9 @@ import triton.language as tl
 
 from .. import reference
 from . import attention_hopper, attention_hopper_backward
-from ._attention_scores import (accumulate_bias_grad, dropout_keep, finish_bias_grad, full_key_tiles_end,
-                                full_query_tiles_start, key_range, pointwise_activation, pointwise_activation_grad,
-                                query_range, relative_bias, visible)
+from ._attention_scores import (accumulate_bias_grad, dropout_keep, far_bias_value, far_query_tiles_start,
+                                far_tiles_end, finish_bias_grad, full_key_tiles_end, full_query_tiles_start, key_range,
+                                pointwise_activation, pointwise_activation_grad, query_range, relative_bias, visible)
 from ._library import jagged_op
 from ._launch import fast_launch
 from ._rows import row_block, row_span, slot_row_block
@@ -86,22 +86,27 @@ def _narrow(x, INT32_OFFSETS: tl.constexpr):
 
 @triton.jit
 def _score_tile(qk, qi, kj, q_len, k_len, head, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window,
-                qk_scale, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                ACTIVATION: tl.constexpr, MASKED: tl.constexpr, KEY_BOUND: tl.constexpr):
+                qk_scale, far_bias, CAUSAL: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ACTIVATION: tl.constexpr, MASKED: tl.constexpr, KEY_BOUND: tl.constexpr, FAR: tl.constexpr):
     """Scores (base 2 for softmax: qk_scale holds log2 e) and the visibility mask of a tile of raw
     q.k products, queries ``qi`` x keys ``kj`` (row indices, broadcastable 2-D). Positions and
     lengths go to int32 here: rows are shorter than 2^31, and per-element int64 arithmetic is
     twice the instructions. Not MASKED (a tile the caller knows to be wholly visible): the mask
     is a constant True, which the compiler folds away with the selects on it. KEY_BOUND: mask
-    the keys past the row's end (see visible: the kernels that sum over keys need it)."""
+    the keys past the row's end (see visible: the kernels that sum over keys need it). FAR (a
+    tile whose every distance clamps to -R, see far_tiles_end): the bias is ``far_bias``, the
+    caller's far_bias_value, with no load per score."""
     qi, kj = qi.to(tl.int32), kj.to(tl.int32)
     q_len, k_len, n_targets = q_len.to(tl.int32), k_len.to(tl.int32), n_targets.to(tl.int32)
     s = qk * qk_scale
     if HAS_BIAS:
-        bias = relative_bias(bias_ptr, head, stride_bh, kj - (qi + (k_len - q_len)), max_distance)
-        if ACTIVATION == 0:
-            bias = bias * 1.4426950408889634  # log2(e): the softmax runs in base 2
-        s = s + bias
+        if FAR:
+            s = s + far_bias
+        else:
+            bias = relative_bias(bias_ptr, head, stride_bh, kj - (qi + (k_len - q_len)), max_distance)
+            if ACTIVATION == 0:
+                bias = bias * 1.4426950408889634  # log2(e): the softmax runs in base 2
+            s = s + bias
     if MASKED:
         ok = visible(qi, kj, q_len, k_len, n_targets, contextual_len, window, CAUSAL, HSTU_MASK, KEY_BOUND)
     else:
@@ -130,9 +135,10 @@ def _score_grad(w, s, ok, dp, delta, ACTIVATION: tl.constexpr):
 def _forward_tile(
     acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v,
     stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len,
-    window, qk_scale, dropout_p, seed, CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    window, qk_scale, far_bias, dropout_p, seed, CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, FAR: tl.constexpr,
+    SCALE_IN_EXP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One key tile of the forward: the online softmax's running max m_i, sum l_i and output acc
     (or the pointwise weights' sum) updated with keys [start_n, start_n + BLOCK_N).
@@ -147,8 +153,8 @@ def _forward_tile(
     v = _load_tile(v_ptr, k_begin + offs_n, key_ok, head, offs_dv, head_dim_v, stride_vt, stride_vh, False)
     qk = tl.dot(q, k_t, input_precision=PRECISION)
     s, ok = _score_tile(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, head, bias_ptr, stride_bh, max_distance,
-                        n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, MASKED,
-                        True)
+                        n_targets, contextual_len, window, qk_scale, far_bias, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION,
+                        MASKED, True, FAR)
     if ACTIVATION == 0:
         factor = 1.0
         if SCALE_IN_EXP:  # the scaled s is then unused (and not computed)
@@ -193,6 +199,7 @@ def _attention_forward_kernel(
     stride_vt, stride_vh, stride_ot, stride_oh, stride_lh, stride_bh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
+    FAR_TILES: tl.constexpr,
     SCALE_IN_EXP: tl.constexpr, INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, SCAN_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -218,23 +225,35 @@ def _attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     start_n, end_n = key_range(block * BLOCK_M, tl.minimum(block * BLOCK_M + BLOCK_M, q_len) - 1, q_len, k_len,
                                n_targets, contextual_len, window, CAUSAL, HSTU_MASK, BLOCK_N)
-    # Tiles every query of the block sees whole (in the row, and before the causal diagonal)
-    # first, without a mask; then the rest (the diagonal, the row's last partial tile), masked.
+    # With a bias, the key tiles at least R behind the block's first query first, with one bias
+    # value for all (far_tiles_end; no mask either, unless HSTU's); else (UNMASKED_TILES) the
+    # tiles every query of the block sees whole (in the row, before the causal diagonal), without
+    # a mask. Then the rest (the diagonal, the row's last partial tile), masked.
     full_end = start_n
-    if UNMASKED_TILES:
+    far_bias = qk_scale * 0.0
+    if FAR_TILES:
+        full_end = far_tiles_end(start_n, end_n, block * BLOCK_M + (k_len - q_len), max_distance, BLOCK_N)
+        far_bias = far_bias_value(bias_ptr, head, stride_bh, ACTIVATION)
+        for start_n in range(start_n, full_end, BLOCK_N):
+            acc, m_i, l_i = _forward_tile(
+                acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim,
+                head_dim_v, stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets,
+                contextual_len, window, qk_scale, far_bias, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS,
+                DROPOUT, HSTU_MASK, True, SCALE_IN_EXP, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+    elif UNMASKED_TILES:
         full_end = full_key_tiles_end(start_n, end_n, block * BLOCK_M, q_len, k_len, CAUSAL, BLOCK_N)
         for start_n in range(start_n, full_end, BLOCK_N):
             acc, m_i, l_i = _forward_tile(
                 acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim,
                 head_dim_v, stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets,
-                contextual_len, window, qk_scale, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT,
-                False, SCALE_IN_EXP, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+                contextual_len, window, qk_scale, far_bias, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS,
+                DROPOUT, False, False, SCALE_IN_EXP, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     for start_n in range(full_end, end_n, BLOCK_N):
         acc, m_i, l_i = _forward_tile(
             acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v,
             stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len,
-            window, qk_scale, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, True, SCALE_IN_EXP,
-            BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+            window, qk_scale, far_bias, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, True, False,
+            SCALE_IN_EXP, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
 
     if ACTIVATION == 0:
         seen = l_i > 0
@@ -272,9 +291,9 @@ def _attention_backward_delta_kernel(
 def _dkdv_tile(
     dk, dv, k, v, start_m, offs_n, k_tokens, q_ptr, do_ptr, lse_ptr, delta_ptr, q_begin, q_len, k_len, head,
     head_dim, head_dim_v, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, bias_ptr, stride_bh,
-    max_distance, n_targets, contextual_len, window, qk_scale, dropout_p, seed, CAUSAL: tl.constexpr,
+    max_distance, n_targets, contextual_len, window, qk_scale, far_bias, dropout_p, seed, CAUSAL: tl.constexpr,
     ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, FAR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dK, dV of a key block updated with queries [start_m, start_m + BLOCK_M). Queries past the
@@ -288,8 +307,8 @@ def _dkdv_tile(
     # Transposed tiles [N, M]: keys down, queries across.
     s_t, ok_t = _score_tile(tl.dot(k, q_t, input_precision=PRECISION), offs_m[None, :], offs_n[:, None],
                             q_len, k_len, head, bias_ptr, stride_bh, max_distance,
-                            n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS,
-                            ACTIVATION, MASKED, False)
+                            n_targets, contextual_len, window, qk_scale, far_bias, CAUSAL, HSTU_MASK, HAS_BIAS,
+                            ACTIVATION, MASKED, False, FAR)
     lse = tl.zeros([BLOCK_M], dtype=tl.float32)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ACTIVATION == 0:
@@ -313,9 +332,9 @@ def _dkdv_tile(
 def _dq_tile(
     dq, clamped_low, clamped_high, q, do, lse, delta, start_n, offs_m, tokens, first_query, grad_row, k_ptr, v_ptr,
     k_begin, q_len, k_len, head, head_dim, head_dim_v, stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr,
-    stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, inv_norm, dropout_p, seed,
+    stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, far_bias, inv_norm, dropout_p, seed,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, MASKED: tl.constexpr, FAR: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -329,8 +348,8 @@ def _dq_tile(
                      stride_vh, True)
     s, ok = _score_tile(tl.dot(q, k_t, input_precision=PRECISION), offs_m[:, None], offs_n[None, :],
                         q_len, k_len, head, bias_ptr, stride_bh, max_distance,
-                        n_targets, contextual_len, window, qk_scale, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION, MASKED,
-                        True)
+                        n_targets, contextual_len, window, qk_scale, far_bias, CAUSAL, HSTU_MASK, HAS_BIAS, ACTIVATION,
+                        MASKED, True, FAR)
     w = _attention_weights(s, ok, lse[:, None], ACTIVATION)
     dp = tl.dot(do, v_t, input_precision=PRECISION)
     if DROPOUT:
@@ -339,9 +358,13 @@ def _dq_tile(
     ds = _score_grad(w, s, ok, dp, delta[:, None], ACTIVATION)
     dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
     if BIAS_GRAD:
-        first_rel = start_n - (first_query + k_len - q_len) - (BLOCK_M - 1)
-        clamped_low, clamped_high = accumulate_bias_grad(
-            ds * inv_norm, first_rel, grad_row, max_distance, clamped_low, clamped_high, BLOCK_M, BLOCK_N, BLOCK_W)
+        if FAR:  # every distance clamps to -R: one bucket
+            clamped_low += tl.sum(ds) * inv_norm
+        else:
+            first_rel = start_n - (first_query + k_len - q_len) - (BLOCK_M - 1)
+            clamped_low, clamped_high = accumulate_bias_grad(
+                ds * inv_norm, first_rel, grad_row, max_distance, clamped_low, clamped_high, BLOCK_M, BLOCK_N,
+                BLOCK_W)
     return dq, clamped_low, clamped_high
 
 
@@ -354,6 +377,7 @@ def _backward_dkdv(
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
+    FAR_TILES: tl.constexpr,
     INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, SCAN_STRIDE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -377,25 +401,32 @@ def _backward_dkdv(
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         start_m, end_m = query_range(block * BLOCK_N, tl.minimum(block * BLOCK_N + BLOCK_N, k_len) - 1, q_len, k_len,
                                      n_targets, contextual_len, window, CAUSAL, HSTU_MASK, HAS_TARGETS, BLOCK_M)
-        # Query tiles on the causal diagonal first, masked; then those whose every query sees every
-        # key of the block, without a mask (see full_query_tiles_start).
+        # Query tiles on the causal diagonal first, masked; then, with a bias, those at least R past
+        # the block's last key, with one bias value (far_query_tiles_start; no mask either, unless
+        # HSTU's), else (UNMASKED_TILES) those whose every query sees every key of the block,
+        # without a mask (full_query_tiles_start).
         full_start = end_m
-        if UNMASKED_TILES:
-            full_start = full_query_tiles_start(start_m, end_m, tl.minimum(block * BLOCK_N + BLOCK_N, k_len) - 1,
-                                                q_len, k_len, CAUSAL, BLOCK_M)
+        last_key = tl.minimum(block * BLOCK_N + BLOCK_N, k_len) - 1
+        far_bias = qk_scale * 0.0
+        if FAR_TILES:
+            full_start = far_query_tiles_start(start_m, end_m, last_key - (k_len - q_len), max_distance, BLOCK_M)
+            far_bias = far_bias_value(bias_ptr, head, stride_bh, ACTIVATION)
+        elif UNMASKED_TILES:
+            full_start = full_query_tiles_start(start_m, end_m, last_key, q_len, k_len, CAUSAL, BLOCK_M)
         for start_m in range(start_m, full_start, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, start_m, offs_n, k_tokens, q_ptr, do_ptr, lse_ptr, delta_ptr, q_begin, q_len, k_len,
                 head, head_dim, head_dim_v, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, bias_ptr,
-                stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, dropout_p, seed, CAUSAL,
-                ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, True, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
-        if UNMASKED_TILES:
+                stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, far_bias, dropout_p, seed,
+                CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, True, False, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
+        if FAR_TILES or UNMASKED_TILES:
             for start_m in range(full_start, end_m, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, start_m, offs_n, k_tokens, q_ptr, do_ptr, lse_ptr, delta_ptr, q_begin, q_len,
                     k_len, head, head_dim, head_dim_v, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-                    bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, dropout_p, seed,
-                    CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, False, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
+                    bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, far_bias,
+                    dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, FAR_TILES and HSTU_MASK,
+                    FAR_TILES, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
         inv_norm = _row_inverse_norm(k_len, norm, ACTIVATION, NORM_BY_LENGTH)
         tl.store(dk_ptr + k_tokens[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
                  (dk * (scale * inv_norm)).to(dk_ptr.dtype.element_ty),
@@ -413,6 +444,7 @@ def _backward_dq(
     stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
+    FAR_TILES: tl.constexpr,
     BIAS_GRAD: tl.constexpr, INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, SCAN_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -448,24 +480,31 @@ def _backward_dq(
         clamped_high = tl.zeros([1], dtype=tl.float32)
         start_n, end_n = key_range(block * BLOCK_M, tl.minimum(block * BLOCK_M + BLOCK_M, q_len) - 1, q_len, k_len,
                                    n_targets, contextual_len, window, CAUSAL, HSTU_MASK, BLOCK_N)
-        # As in the forward: whole visible key tiles without a mask, then the rest masked.
+        # As in the forward: the far key tiles with one bias value (with a bias) or the whole
+        # visible key tiles without a mask, then the rest masked.
         full_end = start_n
-        if UNMASKED_TILES:
+        far_bias = qk_scale * 0.0
+        if FAR_TILES:
+            full_end = far_tiles_end(start_n, end_n, block * BLOCK_M + (k_len - q_len), max_distance, BLOCK_N)
+            far_bias = far_bias_value(bias_ptr, head, stride_bh, ACTIVATION)
+        elif UNMASKED_TILES:
             full_end = full_key_tiles_end(start_n, end_n, block * BLOCK_M, q_len, k_len, CAUSAL, BLOCK_N)
+        if FAR_TILES or UNMASKED_TILES:
             for start_n in range(start_n, full_end, BLOCK_N):
                 dq, clamped_low, clamped_high = _dq_tile(
                     dq, clamped_low, clamped_high, q, do, lse, delta, start_n, offs_m, tokens, block * BLOCK_M,
                     grad_row, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v, stride_kt, stride_kh,
                     stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window,
-                    qk_scale, inv_norm, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, BIAS_GRAD,
-                    False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
+                    qk_scale, far_bias, inv_norm, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT,
+                    BIAS_GRAD, FAR_TILES and HSTU_MASK, FAR_TILES, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W,
+                    PRECISION)
         for start_n in range(full_end, end_n, BLOCK_N):
             dq, clamped_low, clamped_high = _dq_tile(
                 dq, clamped_low, clamped_high, q, do, lse, delta, start_n, offs_m, tokens, block * BLOCK_M, grad_row,
                 k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v, stride_kt, stride_kh, stride_vt,
-                stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, inv_norm,
-                dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, BIAS_GRAD, True, BLOCK_M,
-                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
+                stride_vh, bias_ptr, stride_bh, max_distance, n_targets, contextual_len, window, qk_scale, far_bias,
+                inv_norm, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS, DROPOUT, BIAS_GRAD, True, False,
+                BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, PRECISION)
         if BIAS_GRAD:
             finish_bias_grad(grad_row, max_distance, clamped_low, clamped_high)
         tl.store(dq_ptr + tokens[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
@@ -485,6 +524,7 @@ def _attention_backward_kernel(
     stride_dbs, stride_dbh,
     CAUSAL: tl.constexpr, ACTIVATION: tl.constexpr, HSTU_MASK: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NORM_BY_LENGTH: tl.constexpr, UNMASKED_TILES: tl.constexpr,
+    FAR_TILES: tl.constexpr,
     BIAS_GRAD: tl.constexpr, INT32_OFFSETS: tl.constexpr, SCAN_ROWS: tl.constexpr, SCAN_STRIDE: tl.constexpr,
     KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr, Q_BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
@@ -511,7 +551,7 @@ def _attention_backward_kernel(
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_dot, stride_doh, stride_lh, stride_bh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                        CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH, UNMASKED_TILES,
-                       INT32_OFFSETS, SCAN_ROWS, SCAN_STRIDE, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV,
+                       FAR_TILES, INT32_OFFSETS, SCAN_ROWS, SCAN_STRIDE, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_DV,
                        PRECISION)
     else:
         _backward_dq(slot, head, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
@@ -520,8 +560,8 @@ def _attention_backward_kernel(
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_lh, stride_bh, stride_dqt, stride_dqh, stride_dbs, stride_dbh,
                      CAUSAL, ACTIVATION, HSTU_MASK, HAS_TARGETS, HAS_BIAS, DROPOUT, NORM_BY_LENGTH, UNMASKED_TILES,
-                     BIAS_GRAD, INT32_OFFSETS, SCAN_ROWS, SCAN_STRIDE, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_DV,
-                     BLOCK_W, PRECISION)
+                     FAR_TILES, BIAS_GRAD, INT32_OFFSETS, SCAN_ROWS, SCAN_STRIDE, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D,
+                     BLOCK_DV, BLOCK_W, PRECISION)
 
 
 # Rows at most this long take the short-row tiles (when the caller knows max_len).
@@ -647,9 +687,23 @@ def _plain_softmax(activation: int, bias: Optional[torch.Tensor], dropout_p: flo
     return activation == 0 and bias is None and dropout_p == 0 and not hstu_mask
 
 
+def _far_tiles(bias: Optional[torch.Tensor], batch_size: int, total_k: int) -> bool:
+    """The kernels' FAR_TILES: with a bias [H, 2R + 1], the key (query) tiles at least R from every
+    query (key) of a block run first with one bias value, bias[h, 0], instead of one load per
+    score (_attention_scores.far_tiles_end). Only where the rows are longer than R plus a tile on
+    average: on shorter rows the extra loops' code cost the backward 5-8% (H100, graph replay,
+    B=512 H=4 D=128 causal softmax + bias, forward+backward: max_L=1024 uniform 9129 -> 6885 us,
+    max_L=4096 at 5% fill 2899 -> 2455, D=64 max_L=1024 3467 -> 2149; max_L=256 uniform 1025 ->
+    1090, max_L=1024 at 5% fill 586 -> 630; benchmarks/NOTES.md session 30). Always under the
+    interpreter, so that the tests reach them."""
+    if bias is None:
+        return False
+    return TRITON_INTERPRETER or total_k > ((bias.shape[1] - 1) // 2 + 64) * batch_size
+
+
 def _score_arguments(q: torch.Tensor, q_offsets: torch.Tensor, causal: bool, scale: float, activation: int,
                      norm: Optional[float], bias: Optional[torch.Tensor], num_targets: Optional[torch.Tensor],
-                     contextual_len: int, window: Optional[int], dropout_p: float, seed: int) -> dict:
+                     contextual_len: int, window: Optional[int], dropout_p: float, seed: int, total_k: int) -> dict:
     """The kernel arguments (shared by forward and backward) that say how scores are made, masked
     and weighted. Absent tensors are replaced by a placeholder the kernels never read."""
     softmax = activation == 0
@@ -662,6 +716,7 @@ def _score_arguments(q: torch.Tensor, q_offsets: torch.Tensor, causal: bool, sca
         CAUSAL=causal, ACTIVATION=activation,
         HSTU_MASK=_hstu_mask(num_targets, contextual_len, window),
         HAS_TARGETS=num_targets is not None, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0,
+        FAR_TILES=_far_tiles(bias, q_offsets.numel() - 1, total_k),
         NORM_BY_LENGTH=norm is None, PRECISION=dot_precision(q.dtype),
     )
 
@@ -715,7 +770,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offs
         INT32_OFFSETS=_int32_offsets((q, k, v, out), (lse,)),
         **_row_scan(batch_size, tiles["num_warps"], max(q.shape[0], k.shape[0]), max(q.shape[2], v.shape[2])),
         **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
-                           dropout_p, seed),
+                           dropout_p, seed, k.shape[0]),
         **tiles,
     )
     return out, lse
@@ -806,7 +861,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         INTERLEAVE=_interleaves(q, v, q_offsets, k_offsets, tiles, max_len),
         **_row_scan(batch_size, tiles["num_warps"], max(q.shape[0], k.shape[0]), max(q.shape[2], v.shape[2])),
         **_score_arguments(q, q_offsets, causal, scale, activation, norm, bias, num_targets, contextual_len, window,
-                           dropout_p, seed),
+                           dropout_p, seed, k.shape[0]),
         **tiles,
     )
     return dq, dk, dv, bias_partial.sum(0) if bias_grad else bias_partial
