@@ -234,20 +234,15 @@ def _attention_forward_kernel(
     if FAR_TILES:
         full_end = far_tiles_end(start_n, end_n, block * BLOCK_M + (k_len - q_len), max_distance, BLOCK_N)
         far_bias = far_bias_value(bias_ptr, head, stride_bh, ACTIVATION)
-        for start_n in range(start_n, full_end, BLOCK_N):
-            acc, m_i, l_i = _forward_tile(
-                acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim,
-                head_dim_v, stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets,
-                contextual_len, window, qk_scale, far_bias, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS,
-                DROPOUT, HSTU_MASK, True, SCALE_IN_EXP, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     elif UNMASKED_TILES:
         full_end = full_key_tiles_end(start_n, end_n, block * BLOCK_M, q_len, k_len, CAUSAL, BLOCK_N)
+    if FAR_TILES or UNMASKED_TILES:
         for start_n in range(start_n, full_end, BLOCK_N):
             acc, m_i, l_i = _forward_tile(
                 acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim,
                 head_dim_v, stride_kt, stride_kh, stride_vt, stride_vh, bias_ptr, stride_bh, max_distance, n_targets,
                 contextual_len, window, qk_scale, far_bias, dropout_p, seed, CAUSAL, ACTIVATION, HSTU_MASK, HAS_BIAS,
-                DROPOUT, False, False, SCALE_IN_EXP, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+                DROPOUT, FAR_TILES and HSTU_MASK, FAR_TILES, SCALE_IN_EXP, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     for start_n in range(full_end, end_n, BLOCK_N):
         acc, m_i, l_i = _forward_tile(
             acc, m_i, l_i, q, start_n, offs_m, tokens, k_ptr, v_ptr, k_begin, q_len, k_len, head, head_dim, head_dim_v,
