@@ -128,8 +128,9 @@ def full_query_tiles_start(start, end, last_key, q_len, k_len, CAUSAL: tl.conste
 @triton.jit
 def relative_bias(bias_ptr, head, stride_bh, rel, max_distance):
     """bias[head, clamp(rel, -R, R) + R] (float32) for key-minus-query distances ``rel`` (int32).
-    One cached load per element: skipping the loads of tiles that clamp wholly to one end
-    measured slower on the H100 (benchmarks/NOTES.md)."""
+    One cached load per element. Tiles that clamp wholly to -R run in a loop of their own with one
+    value instead (far_tiles_end; a branch inside the one loop measured slower, benchmarks/NOTES.md
+    sessions 4 and 30)."""
     rel = tl.minimum(tl.maximum(rel, -max_distance), max_distance)
     return tl.load(bias_ptr + head * stride_bh + rel + max_distance).to(tl.float32)
 
