@@ -146,8 +146,8 @@ def tiered_lengths(launch, feature_dim, dtype, case):
 
 
 def count_calls(monkeypatch, module, name):
-    """Wrap the launcher ``module.name`` (it returns whether it served the call) to record each
-    result; returns the record."""
+    """Wrap ``module.name`` (a launcher returning whether it served the call, or a rule) to record
+    each result; returns the record."""
     calls = []
     launch = getattr(module, name)
 

@@ -362,14 +362,7 @@ def test_backward_program_order(head_dim, batch_size, causal, monkeypatch):
     """Self-attention on rows up to 512 alternates the dK/dV and dQ programs (interleaves); each
     program computes what it did with every dK/dV program first, so the gradients are bitwise
     equal (empty rows, rows shorter than a block, on block edges; 700 rows: the two-pass scan)."""
-    orders = []
-    rule = attention_hopper_backward.interleaves
-
-    def recorded(*args):
-        orders.append(rule(*args))
-        return orders[-1]
-
-    monkeypatch.setattr(attention_hopper_backward, "interleaves", recorded)
+    orders = count_calls(monkeypatch, attention_hopper_backward, "interleaves")
     lengths = torch.randint(0, 300, (batch_size,))
     lengths[:5] = torch.tensor([0, 64, 1, 500, 129])
     lengths = lengths.tolist()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import jagged
 from jagged import JaggedTensor, reference
-from helpers import DEVICE, ON_GPU, assert_close, lengths_strategy, make_offsets, random_values
+from helpers import DEVICE, ON_GPU, assert_close, count_calls, lengths_strategy, make_offsets, random_values
 
 ACTIVATIONS = ["softmax", "silu", "gelu"]
 LENGTHS = [5, 0, 23, 40, 1]  # empty and one-token rows; under the interpreter (16 x 16 tiles) several blocks
@@ -264,14 +264,7 @@ def test_triton_backward_program_order(monkeypatch, activation, causal):
 
     monkeypatch.setattr(attention_hopper_backward, "hopper_backward_supported", lambda *args: False)
     monkeypatch.setattr(attention, "TRITON_INTERLEAVE_MIN_BYTES", 0)  # these heads are small
-    orders = []
-    rule = attention_hopper_backward.interleaves
-
-    def recorded(*args):
-        orders.append(rule(*args))
-        return orders[-1]
-
-    monkeypatch.setattr(attention_hopper_backward, "interleaves", recorded)
+    orders = count_calls(monkeypatch, attention_hopper_backward, "interleaves")
     if ON_GPU:
         lengths = [0, 64, 1, 500, 129] + torch.randint(0, 300, (20,)).tolist()
         head_dim, dtype = 64, torch.bfloat16
