@@ -574,7 +574,8 @@ def _tiles(kernel: str, head_dim: int, head_dim_v: int, max_len: int | None = No
     # with a bias: there the second loop cost more than the masks it saves (H100, graph replay,
     # benchmarks/NOTES.md session 30; B=512 H=4 D=128 causal softmax + bias, max_L=1024 forward
     # 3849 -> 3040 us, forward+backward 12024 -> 10046; max_L=4096 at 5% fill 1347 -> 940, 4015 ->
-    # 3160; D=64 max_L=1024 forward 1158 -> 1067).
+    # 3160; D=64 max_L=1024 forward 1158 -> 1067). Long biased rows take the far-bias loop
+    # instead (_far_tiles).
     if hstu_mask or bias:
         tiles["UNMASKED_TILES"] = False
     if kernel == "backward":  # the dQ tiles' diagonals, for the bias gradient
@@ -686,7 +687,7 @@ def _far_tiles(bias: Optional[torch.Tensor], batch_size: int, total_k: int) -> b
     """The kernels' FAR_TILES: with a bias [H, 2R + 1], the key (query) tiles at least R from every
     query (key) of a block run first with one bias value, bias[h, 0], instead of one load per
     score (_attention_scores.far_tiles_end). Only where the rows are longer than R plus a tile on
-    average: on shorter rows the extra loops' code cost the backward 5-8% (H100, graph replay,
+    average: on shorter rows the extra loops' code cost the backward 2-8% (H100, graph replay,
     B=512 H=4 D=128 causal softmax + bias, forward+backward: max_L=1024 uniform 9129 -> 6885 us,
     max_L=4096 at 5% fill 2899 -> 2455, D=64 max_L=1024 3467 -> 2149; max_L=256 uniform 1025 ->
     1090, max_L=1024 at 5% fill 586 -> 630; benchmarks/NOTES.md session 30). Always under the
